@@ -1,0 +1,75 @@
+"""Exception handlers: everything a client sees as an error is the OpenAI envelope.
+
+``TailError`` renders with its own status, type, code and param. FastAPI's request
+validation (422 by default) becomes 400; Starlette's 404/405 become OpenAI-shaped
+"Invalid URL" errors. Anything else is a bug, rendered by the request-id middleware
+as a 500 ``server_error`` that names the request id (traceback in the log only).
+"""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from tail_service.errors import (
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    RequestTooLargeError,
+    TailError,
+)
+
+
+def error_response(exc: TailError) -> Response:
+    """The JSON error response for ``exc``, with retry headers when it has them."""
+    headers = dict(exc.headers)
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, int(exc.retry_after + 0.999)))
+        headers["retry-after-ms"] = str(int(exc.retry_after * 1000))
+    if exc.should_retry is not None:
+        headers["x-should-retry"] = "true" if exc.should_retry else "false"
+    return Response(
+        orjson.dumps(exc.body()), status_code=exc.http_status, headers=headers, media_type="application/json"
+    )
+
+
+async def _tail_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TailError)
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "Invalid request."))
+    return error_response(InvalidRequestError(f"Invalid value for '{param}': {msg}", param=param))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    url = f"{request.method} {request.url.path}"
+    err: TailError
+    if exc.status_code == 404:
+        err = NotFoundError(f"Invalid URL ({url})")
+    elif exc.status_code == 405:
+        err = MethodNotAllowedError(f"Method not allowed ({url})")
+    elif exc.status_code == 413:
+        err = RequestTooLargeError("The request body is too large.")
+    elif exc.status_code < 500:
+        err = InvalidRequestError(str(exc.detail))
+    else:
+        err = TailError(str(exc.detail))
+    return error_response(err)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers above on ``app``."""
+    app.add_exception_handler(TailError, _tail_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,0 +1,169 @@
+"""The app factory: the one place where concrete classes are wired together.
+
+``create_app(settings)`` returns a FastAPI app whose lifespan builds every resource
+(the pooled upstream HTTP session, the providers, the router and proxy, the token
+counter, metrics) into one typed :class:`~tail_service.services.Services` and closes
+them at shutdown. Nothing is created at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tail_service import __version__
+from tail_service.api.errors import install_error_handlers
+from tail_service.api.middleware import RequestIdMiddleware
+from tail_service.api.routes import ROUTES
+from tail_service.core.inference import InferenceService
+from tail_service.core.proxy import ModelProxy
+from tail_service.core.routing import ModelRouter
+from tail_service.metrics import Metrics, MetricsUsageSink
+from tail_service.providers.registry import EnvCredentials, build_deployments, build_providers
+from tail_service.services import Services
+from tail_service.settings import Settings, load_settings, resolve_credentials
+from tail_service.tokens import TiktokenCounter
+
+log = logging.getLogger("tail_service.app")
+
+
+def _http_session(settings: Settings) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=0,  # per-host limit below is the real bound
+        limit_per_host=1024,
+        keepalive_timeout=60,
+        ttl_dns_cache=300,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        skip_auto_headers=("User-Agent",),
+        headers={"user-agent": f"tail-service/{__version__}"},
+        auto_decompress=True,
+    )
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    session = _http_session(settings)
+    deployments = build_deployments(settings.model_entries())
+    router = ModelRouter(deployments, monotonic=time.monotonic)
+    providers = build_providers(deployments, session, settings.local)
+    counter = TiktokenCounter()
+    # The BPE tables take about a second to load: do it off the event loop, in the
+    # background, so start-up and the first requests are not held up.
+    warm = asyncio.create_task(asyncio.to_thread(counter.warm))
+    metrics = Metrics()
+    proxy = ModelProxy(
+        router,
+        providers,
+        EnvCredentials(settings.credentials),
+        request_timeout=settings.server.request_timeout,
+        monotonic=time.monotonic,
+    )
+    services = Services(
+        settings=settings,
+        inference=InferenceService(proxy, counter, MetricsUsageSink(metrics)),
+        router=router,
+        providers=providers,
+        metrics=metrics,
+    )
+
+    async def providers_health() -> dict[str, Any]:
+        return {"status": "ok", "adapters": sorted(providers)}
+
+    services.health_checks["providers"] = providers_health
+    if settings.local.preload and "local" in providers:
+        local: Any = providers["local"]
+        for dep in deployments:
+            if dep.provider == "local":
+                await local.warm(dep.upstream_model)
+    app.state.services = services
+    log.info("tail-service ready", extra={"models": len(router.models())})
+    try:
+        yield
+    finally:
+        app.state.draining = True
+        warm.cancel()
+        for provider in providers.values():
+            await provider.aclose()
+        await session.close()
+
+
+async def _metrics(request: Request) -> Response:
+    services: Services = request.app.state.services
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _openapi(app: FastAPI, schemas: dict[str, type[BaseModel]]) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name, model in schemas.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[name] = schema
+    app.openapi_schema = doc
+    return doc
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """A new app for ``settings``; resources are built when its lifespan starts."""
+    app = FastAPI(
+        title="Tail Service",
+        version=__version__,
+        description="OpenAI-compatible API over a model proxy.",
+        lifespan=_lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.services = None
+    app.state.draining = False
+    schemas: dict[str, type[BaseModel]] = {}
+    for method, path, handler, schema, summary in ROUTES:
+        extra = None
+        if schema is not None:
+            schemas[schema.__name__] = schema
+            extra = {
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}
+                    },
+                }
+            }
+        app.add_api_route(
+            path, handler, methods=[method], summary=summary, openapi_extra=extra, response_model=None
+        )
+    app.add_api_route("/metrics", _metrics, methods=["GET"], summary="Prometheus metrics")
+    app.openapi = lambda: _openapi(app, schemas)  # type: ignore[method-assign]
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware, access_log_enabled=settings.log_level == "debug")
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for worker processes: settings from ``TAIL_SETTINGS_JSON`` (set by the CLI)."""
+    import os
+
+    from tail_service.logging import configure_logging
+
+    raw = os.environ.get("TAIL_SETTINGS_JSON")
+    settings = resolve_credentials(Settings.model_validate_json(raw)) if raw else load_settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    return create_app(settings)

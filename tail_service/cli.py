@@ -1,0 +1,162 @@
+"""The ``tail-service`` command line (Typer).
+
+``up`` starts the whole stack on its embedded defaults; ``serve`` starts the HTTP
+service alone, for deployments, optionally with several worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tail_service.settings import ConfigError, Settings, default_state_dir, load_settings
+
+cli = typer.Typer(
+    name="tail-service",
+    help="Tail Service: an OpenAI-compatible API over a model proxy.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (default: $TAIL_CONFIG)", envvar="TAIL_CONFIG"),
+]
+HostOpt = Annotated[str | None, typer.Option(help="address to listen on [default: 127.0.0.1]")]
+PortOpt = Annotated[int | None, typer.Option(help="port to listen on; 0 picks a free one [default: 8080]")]
+StateOpt = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="where the embedded stack keeps its state", envvar="TAIL_STATE_DIR"),
+]
+
+
+def _load(
+    config: Path | None,
+    host: str | None,
+    port: int | None,
+    state_dir: Path | None,
+    workers: int | None = None,
+) -> Settings:
+    server: dict[str, Any] = {}
+    if host is not None:
+        server["host"] = host
+    if port is not None:
+        server["port"] = port
+    if workers is not None:
+        server["workers"] = workers
+    try:
+        return load_settings(config, server=server, state_dir=state_dir)
+    except ConfigError as exc:
+        typer.echo(f"tail-service: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        typer.echo(f"tail-service: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run(settings: Settings, *, banner: bool) -> None:
+    """Serve ``settings`` with uvicorn (uvloop + httptools) on a socket bound here."""
+    import uvicorn
+
+    from tail_service.app import create_app
+    from tail_service.logging import configure_logging
+
+    configure_logging(settings.log_level, json=settings.log_json)
+    sock = _bind(settings.server.host, settings.server.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    workers = settings.server.workers
+    common: dict[str, Any] = {
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
+        "log_config": None,
+        "timeout_graceful_shutdown": settings.server.graceful_timeout,
+        "server_header": False,
+    }
+    if banner:
+        models = ", ".join(e.name for e in settings.model_entries())
+        typer.echo(
+            f"tail-service {url}\n"
+            f"  OpenAI base URL: {url}/v1\n"
+            f"  models: {models}\n"
+            f"  docs: {url}/docs   health: {url}/health\n"
+            f"  state: {settings.state_dir}",
+            err=True,
+        )
+    typer.echo(f"tail-service listening on {url}", err=True)
+    if workers == 1:
+        config = uvicorn.Config(create_app(settings), **common)
+        uvicorn.Server(config).run(sockets=[sock])
+        return
+    # Several workers: each process loads the same settings from the environment.
+    _export_settings(settings)
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config("tail_service.app:create_app_from_env", factory=True, workers=workers, **common)
+    Multiprocess(config, sockets=[sock]).run()
+
+
+def _export_settings(settings: Settings) -> None:
+    os.environ["TAIL_SETTINGS_JSON"] = settings.model_dump_json()
+    for name, value in settings.credentials.items():
+        os.environ.setdefault(name, value.get_secret_value())
+
+
+@cli.command()
+def up(
+    config: ConfigOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Start the whole stack on its embedded defaults (local models when none are configured)."""
+    settings = _load(config, host, port, state_dir or default_state_dir())
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    _run(settings, banner=True)
+
+
+@cli.command()
+def serve(
+    config: ConfigOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    state_dir: StateOpt = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes [default: 1]")] = None,
+) -> None:
+    """Start the HTTP service alone, for deployments."""
+    settings = _load(config, host, port, state_dir, workers)
+    _run(settings, banner=False)
+
+
+@cli.command("check-config")
+def check_config(config: ConfigOpt = None) -> None:
+    """Validate the configuration and print the models it defines."""
+    settings = _load(config, None, None, None)
+    for e in settings.model_entries():
+        typer.echo(f"{e.name}\t{e.provider}\t{e.base_url or '(embedded)'}\t{e.upstream_model or e.name}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli()
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        sys.exit(130)

@@ -1,0 +1,126 @@
+"""Internal request/result types shared by the core, the API layer and the providers.
+
+The OpenAI chat format is the lingua franca inside the proxy: a request carries the
+validated wire body as a plain ``dict`` (unknown fields kept, so they pass through to
+OpenAI-compatible upstreams untouched), and providers answer with OpenAI-shaped
+dicts. Adapters for other wire formats (Anthropic, the local engine) translate at
+their edge with pure functions. This keeps the hot path free of a wire -> domain ->
+wire round trip per request and per stream chunk.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Endpoint(enum.StrEnum):
+    """Which OpenAI operation a request is for."""
+
+    #: ``POST /v1/chat/completions``
+    CHAT = "chat"
+    #: ``POST /v1/completions`` (legacy)
+    COMPLETION = "completion"
+    #: ``POST /v1/embeddings``
+    EMBEDDING = "embedding"
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One upstream that serves a public model.
+
+    Several deployments with the same ``model`` are spread by ``weight`` and fall back
+    to each other. Times are in seconds.
+    """
+
+    #: unique id, ``<model>#<index>`` in config order
+    id: str
+    #: public model id clients send
+    model: str
+    #: adapter name: ``openai``, ``anthropic`` or ``local``
+    provider: str
+    #: base URL of the upstream API (``.../v1`` for OpenAI-compatible ones)
+    base_url: str
+    #: model name sent upstream
+    upstream_model: str
+    #: which endpoints this deployment serves
+    endpoints: frozenset[Endpoint]
+    weight: float = 1.0
+    #: whole-attempt deadline (non-streaming) or time to first byte (streaming)
+    timeout: float = 600.0
+    connect_timeout: float = 5.0
+    #: retries on the same deployment before falling back
+    max_retries: int = 2
+    #: failures in a row that put the deployment into cooldown
+    allowed_fails: int = 3
+    cooldown: float = 30.0
+    #: whether ``dimensions`` is accepted for embeddings
+    supports_dimensions: bool = False
+    owned_by: str = "tail-service"
+    #: extra headers sent upstream (not secret)
+    headers: tuple[tuple[str, str], ...] = ()
+    #: name of the credential, resolved by a ``CredentialSource`` per call
+    credential: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRequest:
+    """A validated client request on its way to a deployment."""
+
+    endpoint: Endpoint
+    #: public model id as the client sent it
+    model: str
+    #: the validated wire body; unknown fields are kept for pass-through
+    body: dict[str, Any]
+    stream: bool = False
+    #: ``stream_options.include_usage`` as the client asked
+    include_usage: bool = False
+    request_id: str = ""
+    #: headers to forward upstream (already filtered)
+    forward_headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    """What a provider needs for one attempt against one deployment."""
+
+    deployment: Deployment
+    #: OpenAI-shaped body with ``model`` already set to ``deployment.upstream_model``
+    body: dict[str, Any]
+    #: plaintext credential for this attempt; never logged or put in a repr
+    api_key: str | None = field(default=None, repr=False)
+    request_id: str = ""
+    #: seconds left for this attempt
+    timeout: float = 600.0
+    forward_headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token counts of one request (summed over all choices)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> TokenUsage | None:
+        """Read an OpenAI ``usage`` object; ``None`` when absent or malformed."""
+        if not isinstance(usage, dict):
+            return None
+        p = usage.get("prompt_tokens")
+        c = usage.get("completion_tokens", 0)
+        if not isinstance(p, int) or not isinstance(c, int):
+            return None
+        return cls(p, c)
+
+    def to_openai(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }

@@ -1,0 +1,172 @@
+"""The one exception tree of Tail Service, and the only table that maps it to HTTP.
+
+Every error a client can see is a :class:`TailError`. Each subclass fixes the HTTP
+status and the OpenAI ``type``/``code`` pair; instances carry the message and, for
+request errors, the ``param`` that was wrong. ``api/errors.py`` renders them in the
+OpenAI envelope ``{"error": {"message", "type", "param", "code"}}``. Exceptions that
+are not ``TailError`` are bugs: they become a 500 ``server_error`` with the request id
+and are logged with a traceback, never a 4xx.
+
+::
+
+    TailError (500 server_error)
+     ├── InvalidRequestError (400 invalid_request_error)
+     │    ├── UnsupportedParameterError (400, code unsupported_parameter)
+     │    └── UpstreamRejectedError (upstream said 4xx: its status, its message)
+     ├── AuthenticationError (401 invalid_api_key)
+     ├── PermissionDeniedError (403 model_not_allowed)
+     ├── NotFoundError (404)
+     │    └── ModelNotFoundError (404 model_not_found)
+     ├── MethodNotAllowedError (405)
+     ├── RequestTooLargeError (413 request_too_large)
+     ├── RateLimitError (429 rate_limit_exceeded)
+     ├── UpstreamError (502 upstream_error): the provider failed or broke the protocol
+     │    └── UpstreamConnectionError (502 upstream_connection_error)
+     ├── ServiceUnavailableError (503 service_unavailable)
+     │    └── UpstreamUnavailableError (503 upstream_unavailable): every deployment failed,
+     │         is cooling down, or is rate limited
+     └── UpstreamTimeoutError (504 upstream_timeout)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TailError(Exception):
+    """Base of every client-visible error.
+
+    ``retry_after`` (seconds) becomes a ``Retry-After`` header; ``should_retry`` becomes
+    ``x-should-retry`` so the official SDKs stop retrying errors that cannot heal.
+    """
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+        should_retry: bool | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after = retry_after
+        self.should_retry = should_retry
+        self.headers = headers or {}
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status of this instance (subclasses may vary it per instance)."""
+        return self.status
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error envelope, with all four keys always present."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(TailError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    default_code = "unsupported_parameter"
+
+
+class UpstreamRejectedError(InvalidRequestError):
+    """The provider refused the request as invalid (a 4xx that is the caller's fault).
+
+    The upstream's own status (400, 404, 413, 422→400) and message are kept so the
+    client sees what the provider objected to.
+    """
+
+    def __init__(self, message: str, *, upstream_status: int, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self._status = 400 if upstream_status == 422 else upstream_status
+
+    @property
+    def http_status(self) -> int:
+        return self._status
+
+
+class AuthenticationError(TailError):
+    status = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(TailError):
+    status = 403
+    type = "invalid_request_error"
+    default_code = "model_not_allowed"
+
+
+class NotFoundError(TailError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    default_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class MethodNotAllowedError(TailError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class RequestTooLargeError(TailError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimitError(TailError):
+    status = 429
+    type = "requests"
+    default_code = "rate_limit_exceeded"
+
+
+class UpstreamError(TailError):
+    status = 502
+    default_code = "upstream_error"
+
+
+class UpstreamConnectionError(UpstreamError):
+    default_code = "upstream_connection_error"
+
+
+class ServiceUnavailableError(TailError):
+    status = 503
+    default_code = "service_unavailable"
+
+
+class UpstreamUnavailableError(ServiceUnavailableError):
+    default_code = "upstream_unavailable"
+
+
+class UpstreamTimeoutError(TailError):
+    status = 504
+    default_code = "upstream_timeout"

@@ -1,0 +1,65 @@
+"""Prometheus metrics, on a registry owned by the app (no global default registry)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from tail_service.core.inference import UsageRecord
+
+log = logging.getLogger("tail_service.usage")
+
+
+class Metrics:
+    """The service's metrics; one instance per app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tail_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.tokens = Counter(
+            "tail_tokens", "Tokens used, by model and kind", ["model", "kind"], registry=self.registry
+        )
+        self.usage_records = Counter(
+            "tail_usage_records",
+            "Usage records by outcome",
+            ["model", "outcome", "estimated"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tail_request_seconds",
+            "Request latency by route",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+
+
+class MetricsUsageSink:
+    """A :class:`~tail_service.core.inference.UsageSink` that counts tokens in Prometheus.
+
+    The durable, batched usage ledger comes with the store; until then every record
+    is counted here and logged at debug level.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def record(self, rec: UsageRecord) -> None:
+        self._m.tokens.labels(rec.model, "prompt").inc(rec.usage.prompt_tokens)
+        self._m.tokens.labels(rec.model, "completion").inc(rec.usage.completion_tokens)
+        self._m.usage_records.labels(rec.model, rec.outcome.value, str(rec.estimated).lower()).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "usage",
+                extra={
+                    "model": rec.model,
+                    "endpoint": rec.endpoint.value,
+                    "prompt_tokens": rec.usage.prompt_tokens,
+                    "completion_tokens": rec.usage.completion_tokens,
+                    "outcome": rec.outcome.value,
+                    "estimated": rec.estimated,
+                },
+            )

@@ -1,0 +1,37 @@
+"""``POST /v1/embeddings`` request schema (``§CreateEmbeddingRequest``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from tail_service.schemas.common import OpenAIModel
+
+MAX_INPUTS = 2048
+
+
+class EmbeddingRequest(OpenAIModel):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(
+        cls, v: str | list[str] | list[int] | list[list[int]]
+    ) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(v, str):
+            if not v:
+                raise ValueError("input must not be an empty string")
+            return v
+        if not v:
+            raise ValueError("input must not be an empty array")
+        if len(v) > MAX_INPUTS:
+            raise ValueError(f"input must have at most {MAX_INPUTS} items")
+        for item in v:
+            if isinstance(item, str | list) and not item:
+                raise ValueError("input items must not be empty")
+        return v

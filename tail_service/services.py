@@ -1,0 +1,33 @@
+"""The typed container of everything the app builds at start-up and closes at shutdown."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tail_service.core.inference import InferenceService
+from tail_service.core.provider import Provider
+from tail_service.core.routing import ModelRouter
+from tail_service.metrics import Metrics
+from tail_service.settings import Settings
+
+
+@dataclass(slots=True)
+class Services:
+    """Singletons of one app instance, built in the lifespan. Handlers read, never replace."""
+
+    #: the frozen settings this app was built from
+    settings: Settings
+    #: chat / completions / embeddings logic over the model proxy
+    inference: InferenceService
+    #: public model ids and per-deployment health
+    router: ModelRouter
+    #: provider adapters by name (``openai``, ``anthropic``, ``local``)
+    providers: Mapping[str, Provider]
+    metrics: Metrics
+    #: unix time the app started; the ``created`` of every listed model
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    #: named async checks for ``/health``: each returns a status dict
+    health_checks: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)

@@ -1,0 +1,194 @@
+"""Typed, frozen settings: loaded once at start-up and passed in explicitly.
+
+Sources, strongest first: keyword arguments (the CLI's flags), ``TAIL_*`` environment
+variables (nested with ``__``, e.g. ``TAIL_SERVER__PORT=9000``; lists such as
+``TAIL_MODELS`` as JSON), the YAML file (``--config PATH`` or ``TAIL_CONFIG``), then the
+defaults. With no models configured, the embedded local models are served.
+
+A bad config fails at start-up: :func:`load_settings` raises :class:`ConfigError` whose
+message names every offending field (``models.0.base_url: ...``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ProviderName = Literal["openai", "anthropic", "local"]
+EndpointName = Literal["chat", "completion", "embedding"]
+
+LOCAL_CHAT_MODEL = "local/smollm2-135m-instruct"
+LOCAL_EMBED_MODEL = "local/all-minilm-l6-v2"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names each field and what is wrong."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelEntry(_Frozen):
+    """One deployment of a public model. Entries sharing ``name`` are one model."""
+
+    name: str = Field(min_length=1, description="the model id clients send")
+    provider: ProviderName
+    base_url: str = Field(default="", description="upstream API base URL")
+    upstream_model: str | None = Field(default=None, description="model sent upstream (default: name)")
+    api_key_env: str | None = Field(default=None, description="environment variable holding the key")
+    endpoints: tuple[EndpointName, ...] | None = Field(
+        default=None, description="endpoints served (default: by provider and model)"
+    )
+    weight: float = Field(default=1.0, gt=0)
+    timeout: float = Field(
+        default=600.0, gt=0, description="seconds per attempt (to first byte if streaming)"
+    )
+    connect_timeout: float = Field(default=5.0, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    allowed_fails: int = Field(default=3, ge=1)
+    cooldown: float = Field(default=30.0, ge=0)
+    supports_dimensions: bool = False
+    owned_by: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelEntry:
+        if self.provider != "local" and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url must be an http:// or https:// URL")
+        return self
+
+
+class ServerSettings(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    #: seconds a client may stay connected to one request, end to end
+    request_timeout: float = Field(default=900.0, gt=0)
+    #: comment line sent on idle SSE streams every N seconds (0 disables)
+    sse_keepalive: float = Field(default=15.0, ge=0)
+    #: seconds to finish in-flight requests on shutdown
+    graceful_timeout: float = Field(default=30.0, ge=0)
+
+
+class LocalSettings(_Frozen):
+    """The embedded local model provider."""
+
+    chat_threads: int = Field(default=2, ge=1)
+    embed_threads: int = Field(default=1, ge=1)
+    max_embed_batch: int = Field(default=64, ge=1)
+    #: load the local models at start-up instead of on first use
+    preload: bool = False
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment, frozen after load."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TAIL_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    server: ServerSettings = ServerSettings()
+    local: LocalSettings = LocalSettings()
+    models: tuple[ModelEntry, ...] = ()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = False
+    state_dir: Path = Path(".tail")
+    #: credentials resolved from ``api_key_env`` at load time; never printed
+    credentials: dict[str, SecretStr] = Field(default_factory=dict, exclude=True, repr=False)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+    def model_entries(self) -> tuple[ModelEntry, ...]:
+        """The configured models, or the embedded local ones when none are configured."""
+        if self.models:
+            return self.models
+        return (
+            ModelEntry(name=LOCAL_CHAT_MODEL, provider="local", upstream_model="smollm2-135m-instruct"),
+            ModelEntry(name=LOCAL_EMBED_MODEL, provider="local", upstream_model="all-minilm-l6-v2"),
+        )
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the one ``Settings`` object of a process.
+
+    ``config_path`` defaults to ``$TAIL_CONFIG``. ``overrides`` (CLI flags) win over the
+    environment, which wins over the file. Each model's ``api_key_env`` is resolved
+    here, once; a named variable that is unset is an error.
+    """
+    path = config_path or os.environ.get("TAIL_CONFIG")
+    file_data = _read_yaml(Path(path)) if path else {}
+    nested = {k: v for k, v in overrides.items() if isinstance(v, dict)}
+    for key, value in nested.items():
+        file_data[key] = {**file_data.get(key, {}), **value}
+    flat = {k: v for k, v in overrides.items() if not isinstance(v, dict) and v is not None}
+    try:
+        settings = Settings(**{**file_data, **flat})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+    return resolve_credentials(settings)
+
+
+def resolve_credentials(settings: Settings) -> Settings:
+    """Read each model's ``api_key_env`` from the environment, once.
+
+    A variable that is named but unset is a configuration error.
+    """
+    creds: dict[str, SecretStr] = {}
+    missing = []
+    for i, m in enumerate(settings.models):
+        if m.api_key_env:
+            value = os.environ.get(m.api_key_env)
+            if value is None:
+                missing.append(f"  models.{i}.api_key_env: environment variable {m.api_key_env} is not set")
+            else:
+                creds[m.api_key_env] = SecretStr(value)
+    if missing:
+        raise ConfigError("invalid configuration:\n" + "\n".join(missing))
+    return settings.model_copy(update={"credentials": creds})
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/tail-service``, else ``~/.local/state/tail-service``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tail-service"
