@@ -1,6 +1,6 @@
 """The app factory: the one place where concrete classes are wired together.
 
-``create_app(settings)`` returns a FastAPI app whose lifespan builds every resource
+``create_app(settings)`` returns a Starlette app whose lifespan builds every resource
 (the pooled upstream HTTP session, the providers, the router and proxy, the token
 counter, metrics) into one typed :class:`~tail_service.services.Services` and closes
 them at shutdown. Nothing is created at import time.
@@ -16,16 +16,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from tail_service import __version__
-from tail_service.api.errors import install_error_handlers
+from tail_service.api.errors import EXCEPTION_HANDLERS
 from tail_service.api.middleware import RequestIdMiddleware
+from tail_service.api.openapi import build_openapi, docs, openapi_json
 from tail_service.api.routes import ROUTES
 from tail_service.core.inference import InferenceService
 from tail_service.core.proxy import ModelProxy
@@ -55,7 +56,7 @@ def _http_session(settings: Settings) -> aiohttp.ClientSession:
 
 
 @asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     session = _http_session(settings)
     deployments = build_deployments(settings.model_entries())
@@ -107,57 +108,30 @@ async def _metrics(request: Request) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _openapi(app: FastAPI, schemas: dict[str, type[BaseModel]]) -> dict[str, Any]:
-    if app.openapi_schema:
-        return app.openapi_schema
-    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    components = doc.setdefault("components", {}).setdefault("schemas", {})
-    for name, model in schemas.items():
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(schema.pop("$defs", {}))
-        components[name] = schema
-    app.openapi_schema = doc
-    return doc
-
-
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> Starlette:
     """A new app for ``settings``; resources are built when its lifespan starts."""
-    app = FastAPI(
-        title="Tail Service",
-        version=__version__,
-        description="OpenAI-compatible API over a model proxy.",
+    routes = [Route(path, handler, methods=[method]) for method, path, handler, _, _ in ROUTES]
+    routes += [
+        Route("/metrics", _metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestIdMiddleware, access_log_enabled=settings.log_level == "debug")],
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=_lifespan,
-        docs_url="/docs",
-        redoc_url=None,
-        openapi_url="/openapi.json",
     )
     app.state.settings = settings
     app.state.services = None
     app.state.draining = False
-    schemas: dict[str, type[BaseModel]] = {}
-    for method, path, handler, schema, summary in ROUTES:
-        extra = None
-        if schema is not None:
-            schemas[schema.__name__] = schema
-            extra = {
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}
-                    },
-                }
-            }
-        app.add_api_route(
-            path, handler, methods=[method], summary=summary, openapi_extra=extra, response_model=None
-        )
-    app.add_api_route("/metrics", _metrics, methods=["GET"], summary="Prometheus metrics")
-    app.openapi = lambda: _openapi(app, schemas)  # type: ignore[method-assign]
-    install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware, access_log_enabled=settings.log_level == "debug")
+    app.state.openapi = build_openapi(
+        "Tail Service", __version__, "OpenAI-compatible API over a model proxy."
+    )
     return app
 
 
-def create_app_from_env() -> FastAPI:
+def create_app_from_env() -> Starlette:
     """Factory for worker processes: settings from ``TAIL_SETTINGS_JSON`` (set by the CLI)."""
     import os
 

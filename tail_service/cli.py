@@ -90,6 +90,7 @@ def _run(settings: Settings, *, banner: bool) -> None:
         "log_config": None,
         "timeout_graceful_shutdown": settings.server.graceful_timeout,
         "server_header": False,
+        "proxy_headers": False,
     }
     if banner:
         models = ", ".join(e.name for e in settings.model_entries())

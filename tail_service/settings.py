@@ -5,13 +5,15 @@ variables (nested with ``__``, e.g. ``TAIL_SERVER__PORT=9000``; lists such as
 ``TAIL_MODELS`` as JSON), the YAML file (``--config PATH`` or ``TAIL_CONFIG``), then the
 defaults. With no models configured, the embedded local models are served.
 
-A bad config fails at start-up: :func:`load_settings` raises :class:`ConfigError` whose
+Strings in the YAML may reference the environment as ``${NAME}`` or
+``${NAME:-default}``. A bad config fails at start-up: :func:`load_settings` raises :class:`ConfigError` whose
 message names every offending field (``models.0.base_url: ...``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,6 +134,28 @@ def _format_errors(exc: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    """Replace ``${NAME}`` / ``${NAME:-default}`` in every string of the YAML document."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{where}.{i}") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        found = os.environ.get(name, default)
+        if found is None:
+            raise ConfigError(f"invalid configuration:\n  {where}: environment variable {name} is not set")
+        return found
+
+    return _ENV_REF.sub(sub, value)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -143,7 +167,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
+    expanded: dict[str, Any] = _expand_env(data, "")
+    return expanded
 
 
 def load_settings(

@@ -66,6 +66,7 @@ def serve_app(settings: Settings) -> Iterator[RunningApp]:
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=1,
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     loops: list[asyncio.AbstractEventLoop] = []

@@ -1,17 +1,18 @@
 """Exception handlers: everything a client sees as an error is the OpenAI envelope.
 
-``TailError`` renders with its own status, type, code and param. FastAPI's request
-validation (422 by default) becomes 400; Starlette's 404/405 become OpenAI-shaped
-"Invalid URL" errors. Anything else is a bug, rendered by the request-id middleware
+``TailError`` renders with its own status, type, code and param (bad input is always
+a 400, never a 422); Starlette's 404/405 become OpenAI-shaped "Invalid URL" errors.
+Anything else is a bug, rendered by the request-id middleware
 as a 500 ``server_error`` that names the request id (traceback in the log only).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.responses import Response
 
 from tail_service.errors import (
@@ -41,16 +42,6 @@ async def _tail_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    param = ".".join(loc) or None
-    msg = str(first.get("msg", "Invalid request."))
-    return error_response(InvalidRequestError(f"Invalid value for '{param}': {msg}", param=param))
-
-
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     url = f"{request.method} {request.url.path}"
@@ -68,8 +59,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(err)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers above on ``app``."""
-    app.add_exception_handler(TailError, _tail_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+#: exception class -> handler, for the Starlette app
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    TailError: _tail_error,
+    StarletteHTTPException: _http_error,
+}

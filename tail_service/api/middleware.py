@@ -9,8 +9,8 @@ logging context variable for log lines, and is forwarded upstream.
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -51,7 +51,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = _incoming_id(scope) or "req_" + uuid.uuid4().hex
+        rid = _incoming_id(scope) or "req_" + os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = rid
         token = request_id_var.set(rid)
         raw_id = rid.encode("ascii")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install what the tests need and run the whole suite: lint, types, tests.
+source "$(dirname "$0")/_venv.sh" "[dev]"
+cd "$ROOT"
+"$VENV/bin/ruff" check tail_service tests
+"$VENV/bin/ruff" format --check tail_service tests
+"$VENV/bin/mypy"
+exec "$VENV/bin/pytest" "$@"
