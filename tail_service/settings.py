@@ -12,6 +12,7 @@ message names every offending field (``models.0.base_url: ...``).
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 from pathlib import Path
@@ -114,7 +115,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings)
+        # init kwargs (CLI flags) > TAIL_* environment > the YAML file (passed in as
+        # ``_FILE_DATA`` context); pydantic-settings deep-merges nested sections.
+        return (init_settings, env_settings, _YamlSource(settings_cls))
 
     def model_entries(self) -> tuple[ModelEntry, ...]:
         """The configured models, or the embedded local ones when none are configured."""
@@ -124,6 +127,21 @@ class Settings(BaseSettings):
             ModelEntry(name=LOCAL_CHAT_MODEL, provider="local", upstream_model="smollm2-135m-instruct"),
             ModelEntry(name=LOCAL_EMBED_MODEL, provider="local", upstream_model="all-minilm-l6-v2"),
         )
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """The YAML document, already read and expanded, as the weakest settings source."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _FILE_DATA.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_DATA.get())
+
+
+#: the file's contents for the one ``load_settings`` call in progress (a constant key,
+#: not shared state: each call sets and resets it in its own context)
+_FILE_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("tail_config_file")
 
 
 def _format_errors(exc: ValidationError) -> str:
@@ -183,14 +201,14 @@ def load_settings(
     """
     path = config_path or os.environ.get("TAIL_CONFIG")
     file_data = _read_yaml(Path(path)) if path else {}
-    nested = {k: v for k, v in overrides.items() if isinstance(v, dict)}
-    for key, value in nested.items():
-        file_data[key] = {**file_data.get(key, {}), **value}
-    flat = {k: v for k, v in overrides.items() if not isinstance(v, dict) and v is not None}
+    given = {k: v for k, v in overrides.items() if v is not None and v != {}}
+    token = _FILE_DATA.set(file_data)
     try:
-        settings = Settings(**{**file_data, **flat})
+        settings = Settings(**given)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from None
+    finally:
+        _FILE_DATA.reset(token)
     return resolve_credentials(settings)
 
 

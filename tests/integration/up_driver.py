@@ -1,0 +1,91 @@
+"""Driver for test_up_embedded: start `tail-service up` and talk to it with the openai SDK.
+
+Run as a script (possibly inside a network namespace with only loopback). Prints one
+JSON document with what it observed; the test asserts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import openai
+
+
+def main() -> None:
+    state_dir = sys.argv[1]
+    exe = os.path.join(os.path.dirname(sys.executable), "tail-service")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TAIL_CONFIG": ""}
+    env.pop("TAIL_CONFIG")
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [exe, "up", "--port", "0", "--state-dir", state_dir],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    out: dict[str, object] = {}
+    try:
+        assert proc.stderr is not None
+        url = None
+        for line in proc.stderr:
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "no listening line"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        for _ in range(200):
+            try:
+                ids = [m.id for m in client.models.list()]
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.05)
+        out["startup_s"] = time.monotonic() - started
+        out["models"] = ids
+        r = client.chat.completions.create(
+            model="local/smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+        )
+        out["chat"] = r.choices[0].message.content
+        out["chat_usage"] = r.usage.model_dump() if r.usage else None
+        pieces = []
+        roles = []
+        usage = None
+        for chunk in client.chat.completions.create(
+            model="local/smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            if chunk.usage:
+                usage = chunk.usage.model_dump()
+            for c in chunk.choices:
+                if c.delta.role:
+                    roles.append(c.delta.role)
+                pieces.append(c.delta.content or "")
+        out["stream_text"] = "".join(pieces)
+        out["stream_roles"] = roles
+        out["stream_usage"] = usage
+        e = client.embeddings.create(model="local/all-minilm-l6-v2", input=["hello world", "a cat"])
+        out["embed_dims"] = [len(d.embedding) for d in e.data]
+        out["embed_usage"] = e.usage.model_dump()
+    finally:
+        proc.terminate()
+        try:
+            out["exit_code"] = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out["exit_code"] = "killed"
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
