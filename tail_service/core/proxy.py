@@ -46,6 +46,8 @@ log = logging.getLogger("tail_service.proxy")
 
 #: the longest Retry-After we are willing to sleep on one deployment, in seconds
 MAX_RETRY_WAIT = 30.0
+#: Retry-After (s) on a 503 when the upstream gave no hint of its own
+DEFAULT_UNAVAILABLE_RETRY = 1.0
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 8.0
 
@@ -66,7 +68,17 @@ def to_tail_error(exc: ProviderError, model: str) -> TailError:
     """Map the last provider failure of a request to what the client sees."""
     if isinstance(exc, ProviderHTTPError):
         if not exc.failover:
-            return UpstreamRejectedError(exc.message, upstream_status=exc.status)
+            # Keep the upstream's code and param: clients key on them
+            # (e.g. ``context_length_exceeded``).
+            err = exc.body.get("error") if isinstance(exc.body, dict) else None
+            err = err if isinstance(err, dict) else {}
+            code, param = err.get("code"), err.get("param")
+            return UpstreamRejectedError(
+                exc.message,
+                upstream_status=exc.status,
+                code=code if isinstance(code, str) else None,
+                param=param if isinstance(param, str) else None,
+            )
         if exc.status in (401, 403):
             return UpstreamError(
                 f"The upstream for model `{model}` rejected the gateway's credentials (HTTP {exc.status}).",
@@ -76,7 +88,7 @@ def to_tail_error(exc: ProviderError, model: str) -> TailError:
             return UpstreamUnavailableError(
                 f"The upstream for model `{model}` is overloaded or rate limited "
                 f"(HTTP {exc.status}): {exc.message}",
-                retry_after=exc.retry_after,
+                retry_after=exc.retry_after if exc.retry_after is not None else DEFAULT_UNAVAILABLE_RETRY,
             )
         return UpstreamError(f"The upstream for model `{model}` failed with HTTP {exc.status}: {exc.message}")
     if isinstance(exc, ProviderTimeoutError):
@@ -230,6 +242,7 @@ class ModelProxy:
         Failures before that point fail over; after it they raise a ``TailError``.
         Closing this generator closes the upstream stream at once.
         """
+        deadline = self._monotonic() + self._request_timeout
         attempts = self._attempts(req)
         step = await anext(attempts)
         while True:
@@ -265,6 +278,11 @@ class ModelProxy:
             for chunk in held:
                 yield chunk
             async for chunk in upstream:
+                if self._monotonic() > deadline:
+                    raise UpstreamTimeoutError(
+                        f"The stream for model `{req.model}` ran past the request timeout "
+                        f"of {self._request_timeout:.0f}s."
+                    )
                 yield chunk
         except ProviderError as exc:
             raise to_tail_error(exc, req.model) from None

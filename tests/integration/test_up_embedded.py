@@ -51,4 +51,6 @@ def test_up_answers_offline_from_local_models(tmp_path: Path) -> None:
     assert out["stream_usage"]["completion_tokens"] > 0
     assert out["embed_dims"] == [384, 384]
     assert out["embed_usage"]["prompt_tokens"] > 0
-    assert out["exit_code"] == 0  # a clean shutdown on SIGTERM
+    # SIGTERM: uvicorn shuts down gracefully, then re-raises the signal (exit -15).
+    assert out["exit_code"] in (0, -15)
+    assert any("Application shutdown complete" in line for line in out["log_tail"])

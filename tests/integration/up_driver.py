@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import openai
@@ -29,6 +30,7 @@ def main() -> None:
         env=env,
     )
     out: dict[str, object] = {}
+    drain = threading.Thread()
     try:
         assert proc.stderr is not None
         url = None
@@ -38,6 +40,10 @@ def main() -> None:
                 url = m.group(1)
                 break
         assert url, "no listening line"
+        # Keep draining the log so the server never blocks on a full pipe.
+        log_lines: list[str] = []
+        drain = threading.Thread(target=lambda: log_lines.extend(proc.stderr or ()), daemon=True)
+        drain.start()
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         for _ in range(200):
             try:
@@ -84,6 +90,9 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             out["exit_code"] = "killed"
+        if drain.ident is not None:
+            drain.join(5)
+        out["log_tail"] = log_lines[-20:]
     print(json.dumps(out))
 
 

