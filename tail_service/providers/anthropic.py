@@ -56,13 +56,13 @@ from tail_service.core.types import UpstreamCall
 from tail_service.providers.anthropic_convert import (
     AnthropicRequestError,
     AnthropicResponseError,
-    StreamTranslator,
     chat_chunk_to_text_chunk,
     chat_to_text_completion,
     completion_to_chat_body,
     from_messages_response,
     to_messages_request,
 )
+from tail_service.providers.anthropic_stream import StreamTranslator
 
 ANTHROPIC_VERSION = "2023-06-01"
 #: longest SSE line accepted before the stream is declared broken

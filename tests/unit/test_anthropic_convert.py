@@ -14,13 +14,13 @@ from tail_service.providers.anthropic_convert import (
     JSON_INSTRUCTION,
     AnthropicRequestError,
     AnthropicResponseError,
-    StreamTranslator,
     chat_chunk_to_text_chunk,
     chat_to_text_completion,
     completion_to_chat_body,
     from_messages_response,
     to_messages_request,
 )
+from tail_service.providers.anthropic_stream import StreamTranslator
 from tests.fakes.anthropic_upstream import stream_events
 
 
