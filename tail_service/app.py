@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from tail_service import __version__
 from tail_service.api.errors import EXCEPTION_HANDLERS
+from tail_service.api.fastpath import FastPathMiddleware
 from tail_service.api.middleware import RequestIdMiddleware
 from tail_service.api.openapi import build_openapi, docs, openapi_json
 from tail_service.api.routes import ROUTES
@@ -113,6 +114,8 @@ async def _metrics(request: Request) -> Response:
 def create_app(settings: Settings) -> Starlette:
     """A new app for ``settings``; resources are built when its lifespan starts."""
     routes = [Route(path, handler, methods=[method]) for method, path, handler, _, _ in ROUTES]
+    # The inference endpoints (bodies with a schema) are dispatched before the router.
+    hot = {(method, path): handler for method, path, handler, schema, _ in ROUTES if schema is not None}
     routes += [
         Route("/metrics", _metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
@@ -120,7 +123,10 @@ def create_app(settings: Settings) -> Starlette:
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestIdMiddleware, access_log_enabled=settings.log_level == "debug")],
+        middleware=[
+            Middleware(RequestIdMiddleware, access_log_enabled=settings.log_level == "debug"),
+            Middleware(FastPathMiddleware, routes=hot),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=_lifespan,
     )
