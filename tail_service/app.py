@@ -89,6 +89,9 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         return {"status": "ok", "adapters": sorted(providers)}
 
     services.health_checks["providers"] = providers_health
+    local_health = getattr(providers.get("local"), "health", None)
+    if local_health is not None:
+        services.health_checks["local_models"] = local_health
     if settings.local.preload and "local" in providers:
         local: Any = providers["local"]
         for dep in deployments:

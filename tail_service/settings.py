@@ -133,10 +133,10 @@ class _YamlSource(PydanticBaseSettingsSource):
     """The YAML document, already read and expanded, as the weakest settings source."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return _FILE_DATA.get().get(field_name), field_name, False
+        return _FILE_DATA.get({}).get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_FILE_DATA.get())
+        return dict(_FILE_DATA.get({}))
 
 
 #: the file's contents for the one ``load_settings`` call in progress (a constant key,

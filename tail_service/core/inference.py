@@ -120,8 +120,9 @@ class InferenceService:
         """Non-streaming chat or legacy completion."""
         try:
             result, dep = await self.proxy.call(req)
-        except BaseException:
-            self._record(req, TokenUsage(), Outcome.ERROR, estimated=True, deployment=None)
+        except BaseException as exc:
+            outcome = Outcome.ERROR if isinstance(exc, Exception) else Outcome.CANCELLED
+            self._record(req, TokenUsage(), outcome, estimated=True, deployment=None)
             raise
         result["model"] = req.model
         usage = TokenUsage.from_openai(result.get("usage"))

@@ -176,6 +176,17 @@ class LocalProvider:
             "embed_inputs": self._batcher.items,
         }
 
+    async def health(self) -> dict[str, Any]:
+        """For ``/health``: which engines are loaded (they load on first use) and the load."""
+        return {
+            "status": "ok",
+            "loaded": {
+                CHAT_MODEL: self._chat.loaded() is not None,
+                EMBED_MODEL: self._embed.loaded() is not None,
+            },
+            **self.stats(),
+        }
+
     # ------------------------------------------------------------------ chat / completions
     async def _prepare(
         self, call: UpstreamCall, *, chat: bool
