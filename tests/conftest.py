@@ -52,14 +52,14 @@ class RunningApp:
 
 
 @contextmanager
-def serve_app(settings: Settings) -> Iterator[RunningApp]:
-    """Run ``create_app(settings)`` under uvicorn (uvloop, httptools) on a free loopback port."""
+def serve_app(settings: Settings, *, app: Any = None) -> Iterator[RunningApp]:
+    """Run ``create_app(settings)`` (or ``app``) under uvicorn (uvloop, httptools) on a free port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        create_app(settings),
+        app if app is not None else create_app(settings),
         loop="uvloop",
         http="httptools",
         lifespan="on",
