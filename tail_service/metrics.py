@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -46,11 +47,28 @@ class MetricsUsageSink:
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
+        # Resolved label children, so a record costs dict lookups rather than
+        # ``labels()`` calls (which take a lock and hash the label tuple every time).
+        # Bounded: records only ever carry configured model names.
+        self._tokens: dict[str, tuple[Any, Any]] = {}
+        self._records: dict[tuple[str, str, bool], Any] = {}
 
     def record(self, rec: UsageRecord) -> None:
-        self._m.tokens.labels(rec.model, "prompt").inc(rec.usage.prompt_tokens)
-        self._m.tokens.labels(rec.model, "completion").inc(rec.usage.completion_tokens)
-        self._m.usage_records.labels(rec.model, rec.outcome.value, str(rec.estimated).lower()).inc()
+        tokens = self._tokens.get(rec.model)
+        if tokens is None:
+            tokens = self._tokens[rec.model] = (
+                self._m.tokens.labels(rec.model, "prompt"),
+                self._m.tokens.labels(rec.model, "completion"),
+            )
+        tokens[0].inc(rec.usage.prompt_tokens)
+        tokens[1].inc(rec.usage.completion_tokens)
+        key = (rec.model, rec.outcome.value, rec.estimated)
+        records = self._records.get(key)
+        if records is None:
+            records = self._records[key] = self._m.usage_records.labels(
+                rec.model, rec.outcome.value, str(rec.estimated).lower()
+            )
+        records.inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "usage",

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from tail_service.core.proxy import ModelProxy
 from tail_service.core.types import Endpoint, ProxyRequest, TokenUsage
-from tail_service.errors import InvalidRequestError, UpstreamError
+from tail_service.errors import InvalidRequestError, ModelNotFoundError, UpstreamError
 
 log = logging.getLogger("tail_service.inference")
 
@@ -120,6 +120,8 @@ class InferenceService:
         """Non-streaming chat or legacy completion."""
         try:
             result, dep = await self.proxy.call(req)
+        except (ModelNotFoundError, InvalidRequestError):
+            raise  # refused before any upstream call: nothing was used
         except BaseException as exc:
             outcome = Outcome.ERROR if isinstance(exc, Exception) else Outcome.CANCELLED
             self._record(req, TokenUsage(), outcome, estimated=True, deployment=None)
@@ -141,7 +143,7 @@ class InferenceService:
         when the upstream sent none. A usage record is written however the stream ends.
         """
         state = _StreamState()
-        outcome = Outcome.ERROR
+        outcome: Outcome | None = Outcome.ERROR
         want_usage = req.include_usage
         last: dict[str, Any] | None = None
         try:
@@ -174,6 +176,9 @@ class InferenceService:
                     "usage": state.usage.to_openai(),
                 }
             outcome = Outcome.OK
+        except (ModelNotFoundError, InvalidRequestError):
+            outcome = None  # refused before any upstream call: nothing to record
+            raise
         except GeneratorExit:
             outcome = Outcome.CANCELLED
             raise
@@ -182,7 +187,8 @@ class InferenceService:
                 outcome = Outcome.CANCELLED
             raise
         finally:
-            self._finish_stream(req, state, outcome, started=last is not None)
+            if outcome is not None:
+                self._finish_stream(req, state, outcome, started=last is not None)
 
     def _finish_stream(
         self, req: ProxyRequest, state: _StreamState, outcome: Outcome, *, started: bool

@@ -30,13 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
-import re
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -63,11 +59,9 @@ from tail_service.providers.anthropic_convert import (
     to_messages_request,
 )
 from tail_service.providers.anthropic_stream import StreamTranslator
+from tail_service.providers.http import SSEDecoder, describe, parse_retry_after
 
 ANTHROPIC_VERSION = "2023-06-01"
-#: longest SSE line accepted before the stream is declared broken
-MAX_SSE_LINE = 16 * 1024 * 1024
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 #: headers a client may not forward: credentials, framing and the protocol version
 _NOT_FORWARDED = frozenset(
     {"authorization", "x-api-key", "host", "content-length", "content-type", "transfer-encoding"}
@@ -75,56 +69,6 @@ _NOT_FORWARDED = frozenset(
 )
 #: headers the deployment config may not set
 _NOT_CONFIGURABLE = frozenset({"x-api-key", "host", "content-length", "transfer-encoding", "connection"})
-
-
-class SSEDecoder:
-    """Incremental ``text/event-stream`` decoder.
-
-    Handles LF, CR and CRLF line ends (also split across reads), multi-line ``data``,
-    comments and ``id``/``retry`` fields (ignored). :meth:`feed` returns complete
-    ``(event, data)`` pairs (``event`` defaults to ``"message"``); :meth:`close` flushes a
-    trailing CR at end of stream; an event without its blank line is dropped, per spec.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._event = ""
-        self._data: list[str] = []
-
-    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
-        self._buf += chunk
-        events: list[tuple[str, str]] = []
-        pos = 0
-        while (m := _LINE_END.search(self._buf, pos)) is not None:
-            if m.group() == b"\r" and m.end() == len(self._buf):
-                break  # maybe the first half of a CRLF: wait for the next read
-            self._line(bytes(self._buf[pos : m.start()]), events)
-            pos = m.end()
-        del self._buf[:pos]
-        if len(self._buf) > MAX_SSE_LINE:
-            raise AnthropicResponseError("SSE line too long")
-        return events
-
-    def close(self) -> list[tuple[str, str]]:
-        events = self.feed(b"\n") if self._buf.endswith(b"\r") else []
-        self._buf.clear()
-        return events
-
-    def _line(self, raw: bytes, events: list[tuple[str, str]]) -> None:
-        if not raw:
-            if self._data:
-                events.append((self._event or "message", "\n".join(self._data)))
-            self._event, self._data = "", []
-            return
-        line = raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
-        if line.startswith(":"):
-            return
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            self._event = value
-        elif name == "data":
-            self._data.append(value)
 
 
 class _EventSource:
@@ -161,25 +105,6 @@ class _EventSource:
         return event, data
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
-    with contextlib.suppress(ValueError):
-        if (ms := headers.get("retry-after-ms")) and math.isfinite(float(ms)):
-            return max(0.0, float(ms) / 1000)
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    with contextlib.suppress(ValueError):
-        seconds = float(value)
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
 def http_error(status: int, headers: Mapping[str, str], raw: bytes, api_key: str | None) -> ProviderHTTPError:
     """Build the :class:`ProviderHTTPError` for a non-2xx answer (529 -> 503; key scrubbed)."""
     if api_key:
@@ -194,7 +119,7 @@ def http_error(status: int, headers: Mapping[str, str], raw: bytes, api_key: str
     if not isinstance(message, str) or not message:
         message = f"anthropic answered HTTP {status}"
     return ProviderHTTPError(
-        503 if status == 529 else status, message, retry_after=_retry_after(headers), body=body
+        503 if status == 529 else status, message, retry_after=parse_retry_after(headers), body=body
     )
 
 
@@ -203,11 +128,6 @@ def _bad_request(exc: AnthropicRequestError) -> ProviderHTTPError:
         "error": {"message": exc.message, "type": "invalid_request_error", "param": exc.param, "code": None}
     }
     return ProviderHTTPError(400, exc.message, body=body)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class AnthropicProvider:
@@ -289,7 +209,7 @@ class AnthropicProvider:
         except TimeoutError as exc:
             raise ProviderTimeoutError(f"anthropic request timed out after {call.timeout:g}s") from exc
         except aiohttp.ClientConnectionError as exc:
-            raise ProviderConnectionError(f"anthropic connection failed: {_describe(exc)}") from exc
+            raise ProviderConnectionError(f"anthropic connection failed: {describe(exc)}") from exc
         except aiohttp.ClientError as exc:
             raise ProviderConnectionError(f"anthropic request failed: {type(exc).__name__}") from None
         try:
@@ -347,7 +267,7 @@ class AnthropicProvider:
         except aiohttp.ClientError as exc:
             if not started:
                 if isinstance(exc, aiohttp.ClientConnectionError):
-                    raise ProviderConnectionError(f"anthropic connection failed: {_describe(exc)}") from exc
+                    raise ProviderConnectionError(f"anthropic connection failed: {describe(exc)}") from exc
                 raise ProviderConnectionError(f"anthropic request failed: {type(exc).__name__}") from None
             raise ProviderStreamCut(f"anthropic stream broke: {type(exc).__name__}") from None
         finally:

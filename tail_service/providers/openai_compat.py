@@ -12,9 +12,6 @@ gateway's whole per-request budget.
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
-import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -30,48 +27,9 @@ from tail_service.core.provider import (
     ProviderTimeoutError,
 )
 from tail_service.core.types import UpstreamCall
+from tail_service.providers.http import SSEDecoder, describe, error_message, parse_retry_after
 
 _PATHS = {"chat": "/chat/completions", "completion": "/completions", "embeddings": "/embeddings"}
-
-
-def parse_retry_after(headers: Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` (float ms) or ``Retry-After`` (s or HTTP date)."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    ra = headers.get("retry-after")
-    if not ra:
-        return None
-    try:
-        return max(0.0, float(ra))
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(ra) if ra else None
-        if parsed is None:
-            return None
-        return max(0.0, parsed.timestamp() - time.time())
-
-
-def error_message(status: int, raw: bytes) -> tuple[str, Any]:
-    """The upstream's error message (OpenAI envelope or anything else), and the parsed body."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        text = raw.decode("utf-8", "replace").strip()[:500]
-        return (text or f"HTTP {status}"), None
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"], body
-        if isinstance(err, str):
-            return err, body
-        if isinstance(body.get("message"), str):
-            return body["message"], body
-        if isinstance(body.get("detail"), str):
-            return body["detail"], body
-    return f"HTTP {status}", body
 
 
 class OpenAICompatProvider:
@@ -121,7 +79,7 @@ class OpenAICompatProvider:
         except TimeoutError:
             raise ProviderTimeoutError(f"no answer within {call.timeout:.1f}s") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise ProviderConnectionError(_describe(exc)) from None
+            raise ProviderConnectionError(describe(exc)) from None
         try:
             result = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -169,7 +127,7 @@ class OpenAICompatProvider:
             except TimeoutError:
                 raise ProviderTimeoutError(f"no answer within {call.timeout:.1f}s") from None
             except (aiohttp.ClientError, OSError) as exc:
-                raise ProviderConnectionError(_describe(exc)) from None
+                raise ProviderConnectionError(describe(exc)) from None
             if resp.status >= 400:
                 raw = await resp.read()
                 msg, err_body = error_message(resp.status, raw)
@@ -177,7 +135,7 @@ class OpenAICompatProvider:
                     resp.status, msg, retry_after=parse_retry_after(resp.headers), body=err_body
                 )
             async for data in _sse_data(resp):
-                if data == b"[DONE]":
+                if data == "[DONE]":
                     done = True
                     break
                 try:
@@ -204,32 +162,16 @@ class OpenAICompatProvider:
         """The session belongs to the app, which closes it."""
 
 
-async def _sse_data(resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
-    """``data:`` payloads of an SSE body, joined per event; comments and fields skipped."""
-    pending: list[bytes] = []
+async def _sse_data(resp: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
+    """The ``data`` of each SSE event in the body, as it arrives."""
+    decoder = SSEDecoder()
     try:
-        async for raw in resp.content:
-            line = raw.rstrip(b"\r\n")
-            if not line:
-                if pending:
-                    yield b"\n".join(pending)
-                    pending.clear()
-                continue
-            if line.startswith(b"data:"):
-                value = line[5:]
-                pending.append(value[1:] if value.startswith(b" ") else value)
-            # event:, id:, retry: and ":" comments carry nothing for OpenAI streams.
-        if pending:
-            yield b"\n".join(pending)
+        while chunk := await resp.content.readany():
+            for _event, data in decoder.feed(chunk):
+                yield data
+        for _event, data in decoder.close():
+            yield data
     except TimeoutError:
         raise ProviderTimeoutError("the upstream stream went silent") from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as exc:
-        raise ProviderStreamCut(_describe(exc)) from None
-    except asyncio.IncompleteReadError:
-        raise ProviderStreamCut("connection closed mid-event") from None
-
-
-def _describe(exc: BaseException) -> str:
-    """A short message for a transport failure; aiohttp messages hold no credentials."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        raise ProviderStreamCut(describe(exc)) from None

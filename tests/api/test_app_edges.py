@@ -46,3 +46,15 @@ def test_a_bug_is_a_500_envelope_with_the_request_id(upstream_key: str) -> None:
     assert err["type"] == "server_error"
     assert rid in err["message"]
     assert "secret internals" not in resp.text
+
+
+def test_unknown_models_leave_no_metric_series(gateway: RunningApp) -> None:
+    body = {"model": "no-such-model-xyz", "messages": [{"role": "user", "content": "x"}]}
+    with gateway.http() as http:
+        assert http.post("/v1/chat/completions", json=body).status_code == 404
+        assert http.post("/v1/chat/completions", json={**body, "stream": True}).status_code == 404
+        ok = http.post("/v1/chat/completions", json={**body, "model": "gpt-test"})
+        assert ok.status_code == 200
+        metrics = http.get("/metrics").text
+    assert "no-such-model-xyz" not in metrics
+    assert 'tail_tokens_total{kind="prompt",model="gpt-test"}' in metrics

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from tail_service.core.provider import ProviderHTTPError, ProviderStreamCut
-from tail_service.providers.anthropic import SSEDecoder
 from tail_service.providers.anthropic_convert import (
     DEFAULT_MAX_TOKENS,
     JSON_INSTRUCTION,
@@ -21,6 +20,7 @@ from tail_service.providers.anthropic_convert import (
     to_messages_request,
 )
 from tail_service.providers.anthropic_stream import StreamTranslator
+from tail_service.providers.http import SSEDecoder
 from tests.fakes.anthropic_upstream import stream_events
 
 
