@@ -45,6 +45,7 @@ class ModelEntry(_Frozen):
     base_url: str = Field(default="", description="upstream API base URL")
     upstream_model: str | None = Field(default=None, description="model sent upstream (default: name)")
     api_key_env: str | None = Field(default=None, description="environment variable holding the key")
+    api_key_secret: str | None = Field(default=None, description="secret-service secret holding the key")
     endpoints: tuple[EndpointName, ...] | None = Field(
         default=None, description="endpoints served (default: by provider and model)"
     )
@@ -62,6 +63,8 @@ class ModelEntry(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> ModelEntry:
+        if self.api_key_env and self.api_key_secret:
+            raise ValueError("give api_key_env or api_key_secret, not both")
         if self.provider != "local" and not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url must be an http:// or https:// URL")
         return self
@@ -90,6 +93,82 @@ class LocalSettings(_Frozen):
     preload: bool = False
 
 
+class TLSFiles(_Frozen):
+    """PEM files for mutual TLS: this side's certificate and key, and the CA that signs peers."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+class _GrpcClient(_Frozen):
+    #: ``host:port`` of the service
+    address: str | None = None
+    tls: TLSFiles | None = None
+    #: deadline of one call attempt, seconds
+    timeout: float = Field(default=1.0, gt=0)
+    #: extra attempts on UNAVAILABLE / DEADLINE_EXCEEDED
+    retries: int = Field(default=2, ge=0, le=10)
+
+
+class AuthSettings(_GrpcClient):
+    """How the HTTP service authenticates API keys."""
+
+    #: ``grpc``: every call needs a key verified by auth-service; ``disabled``: no auth
+    #: (development and benchmarks only: every caller is the anonymous principal)
+    mode: Literal["grpc", "disabled"] = "grpc"
+    #: seconds a positive verdict is cached (revocations are pushed, not waited for)
+    cache_ttl: float = Field(default=60.0, gt=0)
+    #: seconds an unknown/revoked key's rejection is cached
+    negative_ttl: float = Field(default=5.0, ge=0)
+    #: most verdicts kept in memory
+    cache_size: int = Field(default=100_000, ge=1)
+
+
+class SecretsSettings(_GrpcClient):
+    """Where the HTTP service gets provider credentials named by ``api_key_secret``."""
+
+    #: seconds between checks for new versions of the credentials in use
+    refresh_interval: float = Field(default=2.0, gt=0)
+
+
+class AuthServiceSettings(_Frozen):
+    """``tail-service auth-service``."""
+
+    listen: str = "127.0.0.1:50051"
+    #: SQLAlchemy URL: ``sqlite:///path/auth.db`` or ``postgresql+psycopg://...``
+    database_url: str = "sqlite:///auth.db"
+    tls: TLSFiles | None = None
+    #: file holding the key-hashing pepper (created in embedded mode)
+    pepper_file: Path | None = None
+    #: environment variable holding the pepper, if no file
+    pepper_env: str = "TAIL_AUTH_PEPPER"
+    #: certificate identities allowed to call the admin RPCs
+    admin_identities: tuple[str, ...] = ("admin",)
+    #: certificate identities allowed to verify keys and watch key events
+    client_identities: tuple[str, ...] = ("tail",)
+    #: seconds between polls of the key-event table (revocations from other replicas)
+    event_poll_interval: float = Field(default=0.25, gt=0)
+
+
+class SecretServiceSettings(_Frozen):
+    """``tail-service secret-service``."""
+
+    listen: str = "127.0.0.1:50052"
+    database_url: str = "sqlite:///secrets.db"
+    tls: TLSFiles | None = None
+    #: file holding the base64 256-bit master key
+    master_key_file: Path | None = None
+    #: environment variable holding the base64 master key, if no file
+    master_key_env: str = "TAIL_SECRETS_MASTER_KEY"
+    #: embedded mode: create the master key file if it is missing
+    embedded: bool = False
+    #: identities that may only read secrets
+    reader_identities: tuple[str, ...] = ("tail",)
+    #: identities that may put, list, delete and rotate
+    admin_identities: tuple[str, ...] = ("admin",)
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment, frozen after load."""
 
@@ -99,6 +178,10 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     local: LocalSettings = LocalSettings()
+    auth: AuthSettings = AuthSettings()
+    secrets: SecretsSettings = SecretsSettings()
+    auth_service: AuthServiceSettings = AuthServiceSettings()
+    secret_service: SecretServiceSettings = SecretServiceSettings()
     models: tuple[ModelEntry, ...] = ()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = False
