@@ -39,7 +39,7 @@ def normalize_url(url: str, base_dir: Path | None = None) -> str:
         rel = url[len("sqlite:///") :]
         if rel and rel != ":memory:":
             return "sqlite:///" + str((base_dir / rel).resolve())
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
 
@@ -78,8 +78,6 @@ def migrate(engine: Engine, service: str, migrations: Sequence[Migration]) -> in
             if version == 1:
                 conn.execute(sa.insert(_MIGRATIONS).values(**values))
             else:
-                conn.execute(
-                    sa.update(_MIGRATIONS).where(_MIGRATIONS.c.service == service).values(**values)
-                )
+                conn.execute(sa.update(_MIGRATIONS).where(_MIGRATIONS.c.service == service).values(**values))
         log.info("migrated", extra={"service": service, "version": version})
     return max(current, len(migrations))
