@@ -29,13 +29,16 @@ from tail_service.api.fastpath import FastPathMiddleware
 from tail_service.api.middleware import RequestIdMiddleware
 from tail_service.api.openapi import build_openapi, docs, openapi_json
 from tail_service.api.routes import ROUTES
+from tail_service.clients.auth import AuthClient, NoAuth
+from tail_service.clients.grpc_channel import ReloadingChannel
+from tail_service.clients.secrets import SecretsClient
 from tail_service.core.inference import InferenceService
 from tail_service.core.proxy import ModelProxy
 from tail_service.core.routing import ModelRouter
 from tail_service.metrics import Metrics, MetricsUsageSink
-from tail_service.providers.registry import EnvCredentials, build_deployments, build_providers
+from tail_service.providers.registry import Credentials, build_deployments, build_providers
 from tail_service.services import Services
-from tail_service.settings import Settings, load_settings, resolve_credentials
+from tail_service.settings import Settings, check_http_settings, load_settings, resolve_credentials
 from tail_service.tokens import TiktokenCounter
 
 log = logging.getLogger("tail_service.app")
@@ -70,10 +73,11 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     encodings = {counter.encoding_name_for(d.upstream_model) for d in deployments if d.provider != "local"}
     warm = asyncio.create_task(asyncio.to_thread(lambda: [counter.encoding(n) for n in sorted(encodings)]))
     metrics = Metrics()
+    auth, secrets = _security_clients(settings)
     proxy = ModelProxy(
         router,
         providers,
-        EnvCredentials(settings.credentials),
+        Credentials(settings.credentials, secrets),
         request_timeout=settings.server.request_timeout,
         monotonic=time.monotonic,
     )
@@ -83,12 +87,19 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         router=router,
         providers=providers,
         metrics=metrics,
+        auth=auth,
     )
 
     async def providers_health() -> dict[str, Any]:
         return {"status": "ok", "adapters": sorted(providers)}
 
     services.health_checks["providers"] = providers_health
+    if isinstance(auth, AuthClient):
+        auth.start()
+        services.health_checks["auth_service"] = auth.health
+    if secrets is not None:
+        await secrets.start()
+        services.health_checks["secret_service"] = secrets.health
     local_health = getattr(providers.get("local"), "health", None)
     if local_health is not None:
         services.health_checks["local_models"] = local_health
@@ -107,6 +118,27 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         for provider in providers.values():
             await provider.aclose()
         await session.close()
+        if isinstance(auth, AuthClient):
+            await auth.close()
+        if secrets is not None:
+            await secrets.close()
+
+
+def _security_clients(settings: Settings) -> tuple[AuthClient | NoAuth, SecretsClient | None]:
+    """The auth-service and secret-service clients this config calls for (mTLS channels)."""
+    check_http_settings(settings)
+    auth: AuthClient | NoAuth = NoAuth()
+    if settings.auth.mode == "grpc":
+        assert settings.auth.address is not None
+        auth = AuthClient(ReloadingChannel(settings.auth.address, settings.auth.tls), settings.auth)
+    secret_names = {m.api_key_secret for m in settings.models if m.api_key_secret}
+    secrets = None
+    if secret_names:
+        assert settings.secrets.address is not None
+        secrets = SecretsClient(
+            ReloadingChannel(settings.secrets.address, settings.secrets.tls), settings.secrets, secret_names
+        )
+    return auth, secrets
 
 
 async def _metrics(request: Request) -> Response:

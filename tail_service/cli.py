@@ -14,7 +14,13 @@ from typing import Annotated, Any
 
 import typer
 
-from tail_service.settings import ConfigError, Settings, default_state_dir, load_settings
+from tail_service.settings import (
+    ConfigError,
+    Settings,
+    check_http_settings,
+    default_state_dir,
+    load_settings,
+)
 
 cli = typer.Typer(
     name="tail-service",
@@ -41,6 +47,8 @@ def _load(
     port: int | None,
     state_dir: Path | None,
     workers: int | None = None,
+    *,
+    http: bool = True,
 ) -> Settings:
     server: dict[str, Any] = {}
     if host is not None:
@@ -50,7 +58,10 @@ def _load(
     if workers is not None:
         server["workers"] = workers
     try:
-        return load_settings(config, server=server, state_dir=state_dir)
+        settings = load_settings(config, server=server, state_dir=state_dir)
+        if http:
+            check_http_settings(settings)
+        return settings
     except ConfigError as exc:
         typer.echo(f"tail-service: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -150,7 +161,7 @@ def serve(
 @cli.command("check-config")
 def check_config(config: ConfigOpt = None) -> None:
     """Validate the configuration and print the models it defines."""
-    settings = _load(config, None, None, None)
+    settings = _load(config, None, None, None, http=False)
     for e in settings.model_entries():
         typer.echo(f"{e.name}\t{e.provider}\t{e.base_url or '(embedded)'}\t{e.upstream_model or e.name}")
 

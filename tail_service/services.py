@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tail_service.core.auth import Authenticator
 from tail_service.core.inference import InferenceService
 from tail_service.core.provider import Provider
 from tail_service.core.routing import ModelRouter
@@ -27,6 +28,8 @@ class Services:
     #: provider adapters by name (``openai``, ``anthropic``, ``local``)
     providers: Mapping[str, Provider]
     metrics: Metrics
+    #: verifies API keys (auth-service behind a verdict cache, or disabled)
+    auth: Authenticator
     #: unix time the app started; the ``created`` of every listed model
     started_at: int = field(default_factory=lambda: int(time.time()))
     #: named async checks for ``/health``: each returns a status dict

@@ -314,6 +314,25 @@ def resolve_credentials(settings: Settings) -> Settings:
     return settings.model_copy(update={"credentials": creds})
 
 
+def check_http_settings(settings: Settings) -> None:
+    """What the HTTP service needs beyond field validation; raises :class:`ConfigError`."""
+    problems = []
+    if settings.auth.mode == "grpc" and not settings.auth.address:
+        problems.append(
+            "  auth.address: required when auth.mode is grpc "
+            "(set auth.mode: disabled to run without authentication, for development only)"
+        )
+    if settings.auth.mode == "grpc" and settings.auth.tls is None:
+        problems.append("  auth.tls: required (ca_file, cert_file, key_file): every hop uses mutual TLS")
+    uses_secrets = [i for i, m in enumerate(settings.models) if m.api_key_secret]
+    if uses_secrets and not settings.secrets.address:
+        problems.append(f"  secrets.address: required because models.{uses_secrets[0]}.api_key_secret is set")
+    if uses_secrets and settings.secrets.tls is None:
+        problems.append("  secrets.tls: required (ca_file, cert_file, key_file): every hop uses mutual TLS")
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(problems))
+
+
 def default_state_dir() -> Path:
     """``$XDG_STATE_HOME/tail-service``, else ``~/.local/state/tail-service``."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")

@@ -8,7 +8,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tail_service.core.types import Endpoint, ProxyRequest
+from tail_service.core.types import ANONYMOUS, Endpoint, Principal, ProxyRequest
 from tail_service.services import Services
 
 
@@ -18,11 +18,28 @@ def get_services(request: Request) -> Services:
     return services
 
 
+def bearer_token(request: Request) -> str | None:
+    """The key in ``Authorization: Bearer <key>``, or ``None`` when there is none."""
+    for name, value in request.scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else None
+    return None
+
+
+async def authenticate(request: Request, services: Services) -> Principal:
+    """The caller's principal (401 / 503 ``auth_unavailable`` as the authenticator decides)."""
+    return await services.auth.authenticate(bearer_token(request))
+
+
 def request_id(request: Request) -> str:
     return str(request.scope["state"]["request_id"])
 
 
-def proxy_request(endpoint: Endpoint, body: dict[str, Any], rid: str) -> ProxyRequest:
+def proxy_request(
+    endpoint: Endpoint, body: dict[str, Any], rid: str, principal: Principal = ANONYMOUS
+) -> ProxyRequest:
     """Wrap a validated body; the fields the proxy acts on are read once here."""
     opts = body.get("stream_options")
     return ProxyRequest(
@@ -32,6 +49,7 @@ def proxy_request(endpoint: Endpoint, body: dict[str, Any], rid: str) -> ProxyRe
         stream=body.get("stream") is True,
         include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
         request_id=rid,
+        principal=principal,
     )
 
 

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tail_service.api.body import read_json
-from tail_service.api.deps import get_services, json_response, proxy_request, request_id
+from tail_service.api.deps import authenticate, get_services, json_response, proxy_request, request_id
 from tail_service.api.sse import SSEResponse, race_disconnect
 from tail_service.core.types import Endpoint, ProxyRequest
 from tail_service.errors import UpstreamError
@@ -25,9 +25,10 @@ async def _parse(
     request: Request, schema: type[BaseModel], endpoint: Endpoint
 ) -> tuple[Services, ProxyRequest]:
     services = get_services(request)
+    principal = await authenticate(request, services)
     body = await read_json(request, services.settings.server.max_body_bytes)
     validate_body(schema, body)
-    return services, proxy_request(endpoint, body, request_id(request))
+    return services, proxy_request(endpoint, body, request_id(request), principal)
 
 
 async def _generate(request: Request, services: Services, req: ProxyRequest) -> Response | SSEResponse:

@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tail_service.core.auth import check_model_access
 from tail_service.core.proxy import ModelProxy
 from tail_service.core.types import Endpoint, ProxyRequest, TokenUsage
 from tail_service.errors import InvalidRequestError, ModelNotFoundError, UpstreamError
@@ -118,6 +119,7 @@ class InferenceService:
 
     async def complete(self, req: ProxyRequest) -> dict[str, Any]:
         """Non-streaming chat or legacy completion."""
+        check_model_access(req.principal, req.model)
         try:
             result, dep = await self.proxy.call(req)
         except (ModelNotFoundError, InvalidRequestError):
@@ -142,6 +144,7 @@ class InferenceService:
         the client asked (``include_usage``), and is synthesised from an offline count
         when the upstream sent none. A usage record is written however the stream ends.
         """
+        check_model_access(req.principal, req.model)
         state = _StreamState()
         outcome: Outcome | None = Outcome.ERROR
         want_usage = req.include_usage

@@ -65,6 +65,30 @@ class Deployment:
 
 
 @dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a verified API key and its policy (from auth-service)."""
+
+    key_id: str
+    tenant: str
+    name: str = ""
+    #: models this key may use; empty means every model
+    allowed_models: frozenset[str] = frozenset()
+    #: per-key limits; 0 means no limit of that kind
+    rpm: int = 0
+    tpm: int = 0
+    max_concurrency: int = 0
+    #: unix seconds; 0 means never
+    expires_at: int = 0
+
+    def allows(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
+
+
+#: the caller when authentication is disabled (development and benchmarks)
+ANONYMOUS = Principal(key_id="anonymous", tenant="anonymous", name="anonymous")
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyRequest:
     """A validated client request on its way to a deployment."""
 
@@ -79,6 +103,7 @@ class ProxyRequest:
     request_id: str = ""
     #: headers to forward upstream (already filtered)
     forward_headers: tuple[tuple[str, str], ...] = ()
+    principal: Principal = ANONYMOUS
 
 
 @dataclass(frozen=True, slots=True)

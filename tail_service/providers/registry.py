@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
@@ -56,25 +56,43 @@ def build_deployments(entries: Iterable[ModelEntry]) -> list[Deployment]:
                 supports_dimensions=e.supports_dimensions,
                 owned_by=e.owned_by or ("tail-service" if e.provider == "local" else e.provider),
                 headers=tuple(e.headers.items()),
-                credential=e.api_key_env,
+                credential=(
+                    f"env:{e.api_key_env}"
+                    if e.api_key_env
+                    else f"secret:{e.api_key_secret}"
+                    if e.api_key_secret
+                    else None
+                ),
             )
         )
     return out
 
 
-class EnvCredentials:
-    """Credentials read from the environment once, at settings load."""
+class SecretLookup(Protocol):
+    def get(self, name: str) -> str: ...
 
-    def __init__(self, values: dict[str, SecretStr]) -> None:
-        self._values = values
+
+class Credentials:
+    """Resolves a deployment's credential reference from memory, never from the network.
+
+    ``env:NAME`` is an environment variable read once at settings load;
+    ``secret:NAME`` is a secret-service secret kept fresh by the secrets client.
+    """
+
+    def __init__(self, env: dict[str, SecretStr], secrets: SecretLookup | None = None) -> None:
+        self._env = env
+        self._secrets = secrets
 
     def get(self, name: str | None) -> str | None:
         if name is None:
             return None
-        value = self._values.get(name)
+        kind, _, ref = name.partition(":")
+        if kind == "secret" and self._secrets is not None:
+            return self._secrets.get(ref)
+        value = self._env.get(ref) if kind == "env" else None
         if value is None:
             raise ServiceUnavailableError(
-                f"The credential `{name}` is not available.", code="credential_unavailable"
+                f"The credential `{ref}` is not available.", code="credential_unavailable"
             )
         return value.get_secret_value()
 

@@ -66,6 +66,8 @@ models:
     base_url: {upstream.base_url}
     api_key_env: SERVE_TEST_KEY
 log_level: info
+auth:
+  mode: disabled
 """
     )
     return cfg

@@ -1,0 +1,222 @@
+"""API-key verification through auth-service, behind an in-memory verdict cache.
+
+Hot path: a cache hit costs one SHA-256 of the presented key and a dict lookup; no
+gRPC call. A miss makes one ``VerifyKey`` call, shared by every concurrent request
+presenting the same key (single flight), with a per-attempt deadline and bounded
+retries. Rejections are cached briefly (``negative_ttl``) so a bad key cannot hammer
+auth-service.
+
+Revocation does not wait for the TTL: a background task keeps a ``WatchKeyEvents``
+stream open and evicts a key's verdicts the moment auth-service reports it revoked or
+updated (about a second end to end, across replicas). Whenever the stream (re)opens,
+the whole cache is flushed, because events may have been missed while it was down.
+
+Failure policy: when auth-service cannot be reached, cached verdicts keep serving until
+they expire; anything else is a 503 ``auth_unavailable``. Never a 500, never fail-open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from tail_service.clients.grpc_channel import ReloadingChannel, check_health
+from tail_service.core.types import ANONYMOUS, Principal
+from tail_service.errors import AuthenticationError, ServiceUnavailableError
+from tail_service.proto import auth_pb2, auth_pb2_grpc
+from tail_service.settings import AuthSettings
+
+log = logging.getLogger("tail_service.clients.auth")
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(slots=True)
+class _Verdict:
+    principal: Principal | None  # None: the key was rejected
+    expires: float  # monotonic seconds
+
+
+def _missing_key() -> AuthenticationError:
+    return AuthenticationError(
+        "You didn't provide an API key. You need to provide your API key in an Authorization header "
+        "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        code=None,
+    )
+
+
+def _invalid_key() -> AuthenticationError:
+    return AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
+
+
+def _unavailable() -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "The authentication service is unavailable; please retry shortly.",
+        code="auth_unavailable",
+        retry_after=1.0,
+    )
+
+
+def principal_from_proto(p: auth_pb2.Principal) -> Principal:
+    return Principal(
+        key_id=p.key_id,
+        tenant=p.tenant,
+        name=p.name,
+        allowed_models=frozenset(p.allowed_models),
+        rpm=p.limits.rpm,
+        tpm=p.limits.tpm,
+        max_concurrency=p.limits.max_concurrency,
+        expires_at=p.expires_at,
+    )
+
+
+class AuthClient:
+    """:class:`~tail_service.core.auth.Authenticator` backed by auth-service."""
+
+    def __init__(
+        self,
+        channel: ReloadingChannel,
+        settings: AuthSettings,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._channel = channel
+        self._settings = settings
+        self._monotonic = monotonic
+        self._wall = wall
+        self._cache: dict[bytes, _Verdict] = {}
+        self._by_key_id: dict[str, set[bytes]] = {}
+        self._inflight: dict[bytes, asyncio.Task[Principal | None]] = {}
+        #: bumped on every invalidation, so a verification that raced one is not cached
+        self._epoch = 0
+        self._watch: asyncio.Task[None] | None = None
+        self.watch_connected = False
+
+    async def authenticate(self, api_key: str | None) -> Principal:
+        if not api_key:
+            raise _missing_key()
+        digest = hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).digest()
+        verdict = self._cache.get(digest)
+        if verdict is not None and verdict.expires > self._monotonic():
+            principal = verdict.principal
+        else:
+            task = self._inflight.get(digest)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._verify(api_key, digest))
+                self._inflight[digest] = task
+                task.add_done_callback(lambda _t: self._inflight.pop(digest, None))
+            # Shielded: a caller that goes away does not cancel the others' verification.
+            principal = await asyncio.shield(task)
+        if principal is None:
+            raise _invalid_key()
+        if principal.expires_at and self._wall() >= principal.expires_at:
+            self._evict(principal.key_id)
+            raise _invalid_key()
+        return principal
+
+    async def _verify(self, api_key: str, digest: bytes) -> Principal | None:
+        epoch = self._epoch
+        stub = auth_pb2_grpc.AuthServiceStub(self._channel.get())
+        attempts = 1 + self._settings.retries
+        for attempt in range(attempts):
+            try:
+                resp = await stub.VerifyKey(
+                    auth_pb2.VerifyKeyRequest(api_key=api_key), timeout=self._settings.timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    if self._settings.negative_ttl > 0 and epoch == self._epoch:
+                        self._store(digest, None, self._settings.negative_ttl)
+                    return None
+                if code in _RETRYABLE and attempt < attempts - 1:
+                    await asyncio.sleep(0.05 * 2**attempt)
+                    continue
+                log.warning("auth-service call failed", extra={"grpc_code": code.name})
+                raise _unavailable() from None
+            principal = principal_from_proto(resp.principal)
+            if epoch == self._epoch:
+                self._store(digest, principal, self._settings.cache_ttl)
+            return principal
+        raise _unavailable()  # pragma: no cover - the loop always returns or raises
+
+    def _store(self, digest: bytes, principal: Principal | None, ttl: float) -> None:
+        if len(self._cache) >= self._settings.cache_size:
+            for old in list(self._cache)[: max(1, self._settings.cache_size // 10)]:
+                self._drop(old)
+        self._cache[digest] = _Verdict(principal, self._monotonic() + ttl)
+        if principal is not None:
+            self._by_key_id.setdefault(principal.key_id, set()).add(digest)
+
+    def _drop(self, digest: bytes) -> None:
+        verdict = self._cache.pop(digest, None)
+        if verdict is not None and verdict.principal is not None:
+            ids = self._by_key_id.get(verdict.principal.key_id)
+            if ids is not None:
+                ids.discard(digest)
+                if not ids:
+                    del self._by_key_id[verdict.principal.key_id]
+
+    def _evict(self, key_id: str) -> None:
+        self._epoch += 1
+        for digest in self._by_key_id.pop(key_id, set()):
+            self._cache.pop(digest, None)
+
+    def flush(self) -> None:
+        """Forget every cached verdict."""
+        self._epoch += 1
+        self._cache.clear()
+        self._by_key_id.clear()
+
+    def start(self) -> None:
+        """Open the revocation watch in the background (reconnects until :meth:`close`)."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                stub = auth_pb2_grpc.AuthServiceStub(self._channel.get())
+                async for event in stub.WatchKeyEvents(auth_pb2.WatchKeyEventsRequest()):
+                    if event.kind == auth_pb2.KeyEvent.HELLO:
+                        self.flush()
+                        self.watch_connected = True
+                        backoff = 0.2
+                    elif event.key_id:
+                        self._evict(event.key_id)
+                        log.info("key invalidated", extra={"key_id": event.key_id})
+            except grpc.aio.AioRpcError as exc:
+                log.debug("key-event watch interrupted: %s", exc.code().name)
+            self.watch_connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def health(self) -> dict[str, Any]:
+        out: dict[str, Any] = await check_health(self._channel.get(), "tail.auth.v1.AuthService")
+        out["revocation_watch"] = "connected" if self.watch_connected else "disconnected"
+        out["cached_verdicts"] = len(self._cache)
+        return out
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self._channel.close()
+
+
+class NoAuth:
+    """Authentication disabled: every caller is :data:`ANONYMOUS` (development only)."""
+
+    async def authenticate(self, api_key: str | None) -> Principal:
+        return ANONYMOUS

@@ -1,0 +1,25 @@
+"""Authentication as the core sees it: a protocol, and the model-access policy."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from tail_service.core.types import Principal
+from tail_service.errors import PermissionDeniedError
+
+
+class Authenticator(Protocol):
+    """Turns a presented API key into a :class:`Principal`.
+
+    Raises :class:`~tail_service.errors.AuthenticationError` (401) for a key that is
+    unknown, revoked or expired, and :class:`~tail_service.errors.ServiceUnavailableError`
+    with code ``auth_unavailable`` (503) when it cannot tell. It never fails open.
+    """
+
+    async def authenticate(self, api_key: str | None) -> Principal: ...
+
+
+def check_model_access(principal: Principal, model: str) -> None:
+    """403 when the key may not use ``model`` (the model's existence is checked later)."""
+    if not principal.allows(model):
+        raise PermissionDeniedError(f"This API key is not allowed to use the model `{model}`.", param="model")
