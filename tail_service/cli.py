@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from tail_service.cli_admin import register as register_admin
 from tail_service.settings import (
     ConfigError,
     Settings,
@@ -49,6 +50,7 @@ def _load(
     workers: int | None = None,
     *,
     http: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> Settings:
     server: dict[str, Any] = {}
     if host is not None:
@@ -58,7 +60,7 @@ def _load(
     if workers is not None:
         server["workers"] = workers
     try:
-        settings = load_settings(config, server=server, state_dir=state_dir)
+        settings = load_settings(config, server=server, state_dir=state_dir, **(overrides or {}))
         if http:
             check_http_settings(settings)
         return settings
@@ -105,11 +107,17 @@ def _run(settings: Settings, *, banner: bool) -> None:
     }
     if banner:
         models = ", ".join(e.name for e in settings.model_entries())
+        keys_hint = (
+            f"  create an API key: tail-service keys create --state-dir {settings.state_dir}\n"
+            if settings.auth.mode == "grpc"
+            else ""
+        )
         typer.echo(
             f"tail-service {url}\n"
             f"  OpenAI base URL: {url}/v1\n"
             f"  models: {models}\n"
             f"  docs: {url}/docs   health: {url}/health\n"
+            f"{keys_hint}"
             f"  state: {settings.state_dir}",
             err=True,
         )
@@ -139,10 +147,24 @@ def up(
     port: PortOpt = None,
     state_dir: StateOpt = None,
 ) -> None:
-    """Start the whole stack on its embedded defaults (local models when none are configured)."""
-    settings = _load(config, host, port, state_dir or default_state_dir())
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    _run(settings, banner=True)
+    """Start the whole stack on its embedded defaults: auth-service and secret-service as
+    child processes with mutual TLS, and the HTTP service (local models when none are configured)."""
+    from tail_service.logging import configure_logging
+    from tail_service.stack import prepare_state, start_children
+
+    state = (state_dir or default_state_dir()).resolve()
+    layout = prepare_state(state)
+    settings = _load(config, host, port, state, overrides=layout.http_overrides())
+    configure_logging(settings.log_level, json=settings.log_json)
+    try:
+        supervisor = start_children(layout, log_level=settings.log_level)
+    except RuntimeError as exc:
+        typer.echo(f"tail-service: {exc}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        _run(settings, banner=True)
+    finally:
+        supervisor.stop()
 
 
 @cli.command()
@@ -164,6 +186,9 @@ def check_config(config: ConfigOpt = None) -> None:
     settings = _load(config, None, None, None, http=False)
     for e in settings.model_entries():
         typer.echo(f"{e.name}\t{e.provider}\t{e.base_url or '(embedded)'}\t{e.upstream_model or e.name}")
+
+
+register_admin(cli)
 
 
 def main() -> None:

@@ -48,8 +48,7 @@ class _Verdict:
 def _missing_key() -> AuthenticationError:
     return AuthenticationError(
         "You didn't provide an API key. You need to provide your API key in an Authorization header "
-        "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-        code=None,
+        "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
     )
 
 

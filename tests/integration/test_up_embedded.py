@@ -41,6 +41,8 @@ def test_up_answers_offline_from_local_models(tmp_path: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=280, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["key_prefix_ok"] is True
+    assert out["wrong_key"] == "invalid_api_key"
     assert out["models"] == ["local/smollm2-135m-instruct", "local/all-minilm-l6-v2"]
     assert "Paris" in out["chat"]
     usage = out["chat_usage"]
@@ -51,6 +53,11 @@ def test_up_answers_offline_from_local_models(tmp_path: Path) -> None:
     assert out["stream_usage"]["completion_tokens"] > 0
     assert out["embed_dims"] == [384, 384]
     assert out["embed_usage"]["prompt_tokens"] > 0
+    assert out["list_has_no_key"] is True
+    assert out["revoked_after_s"] is not None and out["revoked_after_s"] < 1.5
+    deps = out["health"]["dependencies"]
+    assert deps["auth_service"]["status"] == "ok"
+    assert deps["auth_service"]["revocation_watch"] == "connected"
     # SIGTERM: uvicorn shuts down gracefully, then re-raises the signal (exit -15).
     assert out["exit_code"] in (0, -15)
     assert any("Application shutdown complete" in line for line in out["log_tail"])

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import httpx
 import openai
 
 
@@ -44,7 +45,22 @@ def main() -> None:
         log_lines: list[str] = []
         drain = threading.Thread(target=lambda: log_lines.extend(proc.stderr or ()), daemon=True)
         drain.start()
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        created = subprocess.run(
+            [exe, "keys", "create", "--name", "driver", "--state-dir", state_dir],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=True,
+        )
+        key = created.stdout.strip().splitlines()[-1]
+        out["key_prefix_ok"] = key.startswith("sk-tail-") and len(key) >= 8 + 43
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
+        try:
+            openai.OpenAI(base_url=url + "/v1", api_key="sk-tail-wrong", max_retries=0).models.list()
+            out["wrong_key"] = "accepted"
+        except openai.AuthenticationError as exc:
+            out["wrong_key"] = exc.code
         for _ in range(200):
             try:
                 ids = [m.id for m in client.models.list()]
@@ -83,6 +99,27 @@ def main() -> None:
         e = client.embeddings.create(model="local/all-minilm-l6-v2", input=["hello world", "a cat"])
         out["embed_dims"] = [len(d.embedding) for d in e.data]
         out["embed_usage"] = e.usage.model_dump()
+        listed = subprocess.run(
+            [exe, "keys", "list", "--state-dir", state_dir],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        out["list_has_no_key"] = key not in listed.stdout and "driver" in listed.stdout
+        subprocess.run(
+            [exe, "keys", "revoke", key, "--state-dir", state_dir], env=env, timeout=60, check=True
+        )
+        t0 = time.monotonic()
+        out["revoked_after_s"] = None
+        while time.monotonic() - t0 < 5:
+            try:
+                client.models.list()
+            except openai.AuthenticationError:
+                out["revoked_after_s"] = time.monotonic() - t0
+                break
+            time.sleep(0.05)
+        out["health"] = httpx.get(url + "/health", timeout=10).json()  # no key needed
     finally:
         proc.terminate()
         try:

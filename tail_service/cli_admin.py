@@ -1,0 +1,299 @@
+"""CLI commands for the services and their administration: certs, auth-service,
+secret-service, keys and secrets. Registered on the main app by :mod:`tail_service.cli`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tail_service.admin import AdminError, KeysAdmin, SecretsAdmin, resolve
+from tail_service.settings import ConfigError, Settings, default_state_dir, load_settings
+
+StateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir", help="state directory of the stack [default: as `up`]", envvar="TAIL_STATE_DIR"
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (default: $TAIL_CONFIG)", envvar="TAIL_CONFIG"),
+]
+AuthAddrOpt = Annotated[str | None, typer.Option("--auth-address", help="auth-service host:port")]
+SecretsAddrOpt = Annotated[str | None, typer.Option("--secrets-address", help="secret-service host:port")]
+TlsDirOpt = Annotated[
+    Path | None, typer.Option("--tls-dir", help="directory with ca.pem, admin.pem and admin.key")
+]
+
+keys_app = typer.Typer(help="Create, list, revoke and update API keys (auth-service).", no_args_is_help=True)
+secrets_app = typer.Typer(help="Provider credentials in secret-service.", no_args_is_help=True)
+certs_app = typer.Typer(help="The development PKI for mutual TLS.", no_args_is_help=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"tail-service: {message}", err=True)
+    return typer.Exit(1)
+
+
+def _service_settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"tail-service: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@certs_app.command("init")
+def certs_init(
+    state_dir: StateOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="where to write [default: STATE_DIR/certs]")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing CA and certificates")] = False,
+) -> None:
+    """Create a development CA and certificates for tail, auth, secrets and admin."""
+    from tail_service.certs import init_dev_pki
+
+    directory = out or (state_dir or default_state_dir()) / "certs"
+    files = init_dev_pki(directory, force=force)
+    for identity, f in files.items():
+        typer.echo(f"{identity}\t{f.cert}\t{f.key}")
+    typer.echo(f"ca\t{directory / 'ca.pem'}")
+
+
+def auth_service(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
+    """Run auth-service (API keys and tenant policy) over gRPC with mutual TLS."""
+    from tail_service.authsvc.server import run
+    from tail_service.logging import configure_logging
+
+    settings = _service_settings(config)
+    configure_logging(settings.log_level, json=settings.log_json)
+    try:
+        run(settings.auth_service, base_dir=state_dir or default_state_dir())
+    except (ValueError, OSError) as exc:
+        raise _fail(f"auth-service: {exc}") from None
+
+
+def secret_service(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
+    """Run secret-service (encrypted provider credentials) over gRPC with mutual TLS."""
+    from tail_service.logging import configure_logging
+    from tail_service.secretsvc.server import run
+
+    settings = _service_settings(config)
+    configure_logging(settings.log_level, json=settings.log_json)
+    try:
+        run(settings.secret_service, base_dir=state_dir or default_state_dir())
+    except (ValueError, OSError) as exc:
+        raise _fail(f"secret-service: {exc}") from None
+
+
+@contextmanager
+def _keys(state_dir: Path | None, address: str | None, tls_dir: Path | None) -> Iterator[KeysAdmin]:
+    try:
+        admin = KeysAdmin(resolve("auth_service", state_dir or default_state_dir(), address, tls_dir))
+    except AdminError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        yield admin
+    except AdminError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        admin.close()
+
+
+@contextmanager
+def _secrets(state_dir: Path | None, address: str | None, tls_dir: Path | None) -> Iterator[SecretsAdmin]:
+    try:
+        admin = SecretsAdmin(resolve("secret_service", state_dir or default_state_dir(), address, tls_dir))
+    except AdminError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        yield admin
+    except AdminError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        admin.close()
+
+
+def _models(value: str | None) -> list[str]:
+    return [m.strip() for m in (value or "").split(",") if m.strip()]
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="a label for the key")] = "default",
+    tenant: Annotated[str, typer.Option(help="the tenant the key belongs to")] = "default",
+    models: Annotated[
+        str | None, typer.Option(help="comma-separated models it may use [default: all]")
+    ] = None,
+    rpm: Annotated[int, typer.Option(help="requests per minute (0: no limit)")] = 0,
+    tpm: Annotated[int, typer.Option(help="tokens per minute (0: no limit)")] = 0,
+    max_concurrency: Annotated[int, typer.Option(help="requests in flight (0: no limit)")] = 0,
+    expires_in: Annotated[int, typer.Option(help="seconds until it expires (0: never)")] = 0,
+    state_dir: StateOpt = None,
+    auth_address: AuthAddrOpt = None,
+    tls_dir: TlsDirOpt = None,
+) -> None:
+    """Create a key. The key itself is printed once, alone, as the last line."""
+    expires_at = int(time.time()) + expires_in if expires_in > 0 else 0
+    with _keys(state_dir, auth_address, tls_dir) as admin:
+        resp = admin.create(
+            name=name,
+            tenant=tenant,
+            models=_models(models),
+            rpm=rpm,
+            tpm=tpm,
+            max_concurrency=max_concurrency,
+            expires_at=expires_at,
+        )
+    typer.echo(f"created key {resp.key.id} ({resp.key.prefix}...) for tenant {resp.key.tenant}", err=True)
+    typer.echo("store it now: it is shown only once", err=True)
+    typer.echo(resp.api_key)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str, typer.Option(help="only this tenant")] = "",
+    all_keys: Annotated[bool, typer.Option("--all", help="include revoked keys")] = False,
+    state_dir: StateOpt = None,
+    auth_address: AuthAddrOpt = None,
+    tls_dir: TlsDirOpt = None,
+) -> None:
+    """List keys (display prefixes only; keys are never stored)."""
+    with _keys(state_dir, auth_address, tls_dir) as admin:
+        keys = admin.list(tenant=tenant, include_revoked=all_keys)
+    typer.echo("id\tprefix\tname\ttenant\tmodels\trpm\ttpm\tmax_concurrency\texpires_at\trevoked")
+    for k in keys:
+        typer.echo(
+            f"{k.id}\t{k.prefix}\t{k.name}\t{k.tenant}\t{','.join(k.allowed_models) or '*'}\t"
+            f"{k.limits.rpm}\t{k.limits.tpm}\t{k.limits.max_concurrency}\t{k.expires_at}\t{k.revoked}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="the key's id, or the key itself")],
+    state_dir: StateOpt = None,
+    auth_address: AuthAddrOpt = None,
+    tls_dir: TlsDirOpt = None,
+) -> None:
+    """Revoke a key; every replica stops accepting it within about a second."""
+    with _keys(state_dir, auth_address, tls_dir) as admin:
+        info = admin.revoke(key)
+    typer.echo(f"revoked {info.id} ({info.prefix}...)")
+
+
+@keys_app.command("update")
+def keys_update(
+    key_id: Annotated[str, typer.Argument(help="the key's id")],
+    rpm: Annotated[int | None, typer.Option(help="requests per minute (0: no limit)")] = None,
+    tpm: Annotated[int | None, typer.Option(help="tokens per minute (0: no limit)")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="requests in flight (0: no limit)")] = None,
+    name: Annotated[str | None, typer.Option(help="a new label")] = None,
+    models: Annotated[str | None, typer.Option(help="comma-separated models ('' for all)")] = None,
+    state_dir: StateOpt = None,
+    auth_address: AuthAddrOpt = None,
+    tls_dir: TlsDirOpt = None,
+) -> None:
+    """Change a key's limits, label or models."""
+    from tail_service.proto import auth_pb2
+
+    req = auth_pb2.UpdateKeyRequest(id=key_id)
+    if rpm is not None:
+        req.rpm = rpm
+    if tpm is not None:
+        req.tpm = tpm
+    if max_concurrency is not None:
+        req.max_concurrency = max_concurrency
+    if name is not None:
+        req.name = name
+    if models is not None:
+        req.set_allowed_models = True
+        req.allowed_models.extend(_models(models))
+    with _keys(state_dir, auth_address, tls_dir) as admin:
+        info = admin.update(req)
+    typer.echo(
+        f"updated {info.id}: rpm={info.limits.rpm} tpm={info.limits.tpm} "
+        f"max_concurrency={info.limits.max_concurrency} models={','.join(info.allowed_models) or '*'}"
+    )
+
+
+def _read_value() -> bytes:
+    if sys.stdin.isatty():
+        typer.echo("value (end with Ctrl-D): ", err=True, nl=False)
+    value = sys.stdin.buffer.read()
+    value = value[:-1] if value.endswith(b"\n") else value
+    value = value[:-1] if value.endswith(b"\r") else value
+    if not value:
+        raise _fail("no value on standard input")
+    return value
+
+
+@secrets_app.command("set")
+def secrets_set(
+    name: Annotated[str, typer.Argument(help="the secret's name, e.g. openai-key")],
+    state_dir: StateOpt = None,
+    secrets_address: SecretsAddrOpt = None,
+    tls_dir: TlsDirOpt = None,
+) -> None:
+    """Store a secret (a new version if it exists). The value is read from stdin, never argv."""
+    value = _read_value()
+    with _secrets(state_dir, secrets_address, tls_dir) as admin:
+        meta = admin.set(name, value)
+    typer.echo(f"stored {meta.name} version {meta.version}")
+
+
+@secrets_app.command("rotate")
+def secrets_rotate(
+    name: Annotated[str, typer.Argument(help="an existing secret's name")],
+    state_dir: StateOpt = None,
+    secrets_address: SecretsAddrOpt = None,
+    tls_dir: TlsDirOpt = None,
+) -> None:
+    """Replace an existing secret's value (read from stdin) with a new version."""
+    value = _read_value()
+    with _secrets(state_dir, secrets_address, tls_dir) as admin:
+        meta = admin.rotate(name, value)
+    typer.echo(f"rotated {meta.name} to version {meta.version}")
+
+
+@secrets_app.command("list")
+def secrets_list(
+    state_dir: StateOpt = None,
+    secrets_address: SecretsAddrOpt = None,
+    tls_dir: TlsDirOpt = None,
+) -> None:
+    """List secret names (never values)."""
+    with _secrets(state_dir, secrets_address, tls_dir) as admin:
+        for name in admin.list():
+            typer.echo(name)
+
+
+@secrets_app.command("delete")
+def secrets_delete(
+    name: Annotated[str, typer.Argument(help="the secret's name")],
+    state_dir: StateOpt = None,
+    secrets_address: SecretsAddrOpt = None,
+    tls_dir: TlsDirOpt = None,
+) -> None:
+    """Delete a secret and all its versions."""
+    with _secrets(state_dir, secrets_address, tls_dir) as admin:
+        deleted = admin.delete(name)
+    if not deleted:
+        raise _fail(f"no secret named {name}")
+    typer.echo(f"deleted {name}")
+
+
+def register(cli: typer.Typer) -> None:
+    """Add these commands to the main ``tail-service`` app."""
+    cli.command("auth-service")(auth_service)
+    cli.command("secret-service")(secret_service)
+    cli.add_typer(keys_app, name="keys")
+    cli.add_typer(secrets_app, name="secrets")
+    cli.add_typer(certs_app, name="certs")
