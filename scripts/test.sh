@@ -5,4 +5,7 @@ cd "$ROOT"
 "$VENV/bin/ruff" check tail_service tests
 "$VENV/bin/ruff" format --check tail_service tests
 "$VENV/bin/mypy"
-exec "$VENV/bin/pytest" "$@"
+# A private temp root: pytest prunes old run directories under the shared default one.
+BASETEMP=$(mktemp -d "${TMPDIR:-/tmp}/tail-pytest.XXXXXX")
+trap 'rm -rf "$BASETEMP"' EXIT
+"$VENV/bin/pytest" --basetemp="$BASETEMP/t" "$@"

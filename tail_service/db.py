@@ -45,13 +45,18 @@ def normalize_url(url: str, base_dir: Path | None = None) -> str:
 
 
 def make_engine(url: str, base_dir: Path | None = None) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout."""
+    """An engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout.
+
+    ``hide_parameters``: SQL errors never carry bound values (key hashes, ciphertexts).
+    """
     url = normalize_url(url, base_dir)
     if url.startswith("sqlite"):
         path = url[len("sqlite:///") :]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = sa.create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True
+        )
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: object, _record: object) -> None:
@@ -62,7 +67,7 @@ def make_engine(url: str, base_dir: Path | None = None) -> Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
 def migrate(engine: Engine, service: str, migrations: Sequence[Migration]) -> int:

@@ -79,3 +79,5 @@ def configure_logging(level: str, *, json: bool) -> None:
     )
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # SQLAlchemy echoes every statement when its logger is at INFO; the services poll.
+    logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)

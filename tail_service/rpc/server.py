@@ -82,24 +82,47 @@ def start_server(
     return RunningServer(server, port, health_servicer, certs, service_name)
 
 
-def run_until_signalled(
-    running: RunningServer, *, grace: float = 5.0, on_stop: Callable[[], None] | None = None
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def serve_until_signalled(
+    start: Callable[[], RunningServer],
+    announce: str,
+    *,
+    grace: float = 5.0,
+    on_stop: Callable[[], None] | None = None,
 ) -> None:
-    """Block the main thread until SIGTERM/SIGINT, then shut down gracefully. SIGHUP reloads certs."""
+    """Start a server and block the main thread until SIGTERM/SIGINT; SIGHUP reloads certs.
+
+    The handlers are installed before the server starts, and gRPC's threads are started
+    with the stop signals blocked (threads inherit the mask), so every signal reaches the
+    main thread. ``announce`` (``"... listening on {port}"``) is logged once serving.
+    """
     stop = threading.Event()
+    box: list[RunningServer] = []
 
     def _stop(signum: int, _frame: object) -> None:
-        log.info("%s: received %s, shutting down", running.service_name, signal.Signals(signum).name)
+        log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
     def _hup(_signum: int, _frame: object) -> None:
-        if running.certs is not None:
-            running.certs.request_reload()
+        if box and box[0].certs is not None:
+            box[0].certs.request_reload()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGHUP, _hup)
-    stop.wait()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        running = start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    box.append(running)
+    log.info(announce.format(port=running.port))
+    # Poll rather than block forever, so the handler runs promptly whatever thread the
+    # kernel chose for the signal.
+    while not stop.wait(0.5):
+        pass
     running.stop(grace)
     if on_stop is not None:
         on_stop()

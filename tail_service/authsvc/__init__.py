@@ -1,0 +1,22 @@
+"""auth-service: API keys (hashed with a pepper, never stored) and per-key tenant policy over gRPC.
+
+:mod:`.keys` makes and hashes keys and loads the pepper, :mod:`.store` keeps them in
+SQL (SQLite or PostgreSQL), :mod:`.server` serves ``tail.auth.v1.AuthService``.
+"""
+
+from tail_service.authsvc.keys import Pepper, PepperError, ensure_pepper_file, load_pepper
+from tail_service.authsvc.server import SERVICE_NAME, AuthService, run
+from tail_service.authsvc.store import KeyInfo, KeyStore, Principal
+
+__all__ = [
+    "SERVICE_NAME",
+    "AuthService",
+    "KeyInfo",
+    "KeyStore",
+    "Pepper",
+    "PepperError",
+    "Principal",
+    "ensure_pepper_file",
+    "load_pepper",
+    "run",
+]

@@ -1,0 +1,417 @@
+"""The API-key store: SQLAlchemy 2 Core, one code path for SQLite and PostgreSQL.
+
+``api_keys`` holds one row per key: never the key, only its peppered hash (unique) and
+display prefix, with the tenant, allowed models and limits. ``key_events`` is an append-
+only log of revocations and updates, written in the same transaction as the change; the
+auth-service replicas poll it (:class:`EventCursor`) to push cache invalidations to the
+Tail Services, so a change made through any replica reaches every watcher.
+
+Times are unix seconds (integers). Limits of 0 mean "no limit", ``expires_at`` 0 "never".
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from tail_service.authsvc.keys import Pepper, display_prefix, generate_key, looks_like_key
+from tail_service.db import Migration, migrate
+
+SERVICE = "auth"
+EventKind = Literal["revoked", "updated"]
+
+MAX_TEXT = 200  # longest name, tenant or model id
+MAX_MODELS = 1000
+MAX_LIMIT = 2**53  # limits stay exact in JSON and in every client language
+MAX_EXPIRES = 253_402_300_799  # 9999-12-31: larger values are milliseconds by mistake
+
+
+def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
+    """The version-1 schema. A later migration must snapshot this before changing it."""
+    api_keys = sa.Table(
+        "api_keys",
+        metadata,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("key_hash", sa.String(64), nullable=False),
+        sa.Column("prefix", sa.String(16), nullable=False),
+        sa.Column("name", sa.String(MAX_TEXT), nullable=False),
+        sa.Column("tenant", sa.String(MAX_TEXT), nullable=False),
+        sa.Column("allowed_models", sa.Text, nullable=False),
+        sa.Column("rpm", sa.BigInteger, nullable=False),
+        sa.Column("tpm", sa.BigInteger, nullable=False),
+        sa.Column("max_concurrency", sa.BigInteger, nullable=False),
+        sa.Column("expires_at", sa.BigInteger, nullable=False),
+        sa.Column("revoked", sa.Boolean, nullable=False),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sa.Column("updated_at", sa.BigInteger, nullable=False),
+        sa.Index("ix_api_keys_key_hash", "key_hash", unique=True),
+        sa.Index("ix_api_keys_tenant", "tenant"),
+    )
+    key_events = sa.Table(
+        "key_events",
+        metadata,
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+        ),
+        sa.Column("key_id", sa.String(32), nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sqlite_autoincrement=True,  # ids never reused, so "id > last seen" stays sound
+    )
+    return api_keys, key_events
+
+
+API_KEYS, KEY_EVENTS = _tables(sa.MetaData())
+
+
+def _v1(conn: Connection) -> None:
+    metadata = sa.MetaData()
+    _tables(metadata)
+    metadata.create_all(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1,)
+
+
+class KeyStoreError(Exception):
+    """Base of the store's expected errors; messages never include a key."""
+
+
+class InvalidKeyArgument(KeyStoreError, ValueError):
+    """A field is out of range or malformed; the message names the field."""
+
+
+class KeyNotFound(KeyStoreError, LookupError):
+    """No key has that id (or that plaintext)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A key as admins see it: the display prefix, never the key or its hash."""
+
+    id: str
+    name: str
+    tenant: str
+    allowed_models: tuple[str, ...]  # empty: every model
+    rpm: int
+    tpm: int
+    max_concurrency: int
+    expires_at: int
+    revoked: bool
+    prefix: str
+    created_at: int
+    updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a verified key belongs to and what it may do (limits: 0 = unlimited)."""
+
+    key_id: str
+    tenant: str
+    name: str
+    allowed_models: tuple[str, ...]
+    rpm: int
+    tpm: int
+    max_concurrency: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEvent:
+    """One row of ``key_events``: ``key_id`` was revoked or updated."""
+
+    id: int
+    key_id: str
+    kind: EventKind
+    created_at: int
+
+
+def _text(field: str, value: str, *, required: bool) -> str:
+    value = value.strip()
+    if required and not value:
+        raise InvalidKeyArgument(f"{field} is required")
+    if len(value) > MAX_TEXT:
+        raise InvalidKeyArgument(f"{field} is longer than {MAX_TEXT} characters")
+    return value
+
+
+def _limit(field: str, value: int) -> int:
+    if not 0 <= value <= MAX_LIMIT:
+        raise InvalidKeyArgument(f"{field} must be between 0 (unlimited) and {MAX_LIMIT}")
+    return int(value)
+
+
+def _expires(value: int) -> int:
+    if not 0 <= value <= MAX_EXPIRES:
+        raise InvalidKeyArgument("expires_at must be unix seconds, or 0 for never")
+    return int(value)
+
+
+def _models(values: Iterable[str]) -> tuple[str, ...]:
+    out: dict[str, None] = {}
+    for v in values:
+        out[_text("allowed_models entry", v, required=True)] = None
+    if len(out) > MAX_MODELS:
+        raise InvalidKeyArgument(f"allowed_models holds more than {MAX_MODELS} models")
+    return tuple(out)
+
+
+def _info(row: sa.Row[Any]) -> KeyInfo:
+    m = dict(row._mapping)
+    m.pop("key_hash", None)
+    return KeyInfo(
+        **m | {"allowed_models": tuple(json.loads(m["allowed_models"])), "revoked": bool(m["revoked"])}
+    )
+
+
+_INFO_COLUMNS = [c for c in API_KEYS.c if c.name != "key_hash"]
+_DUMMY_HASH = "0" * 64
+
+
+class KeyStore:
+    """API keys in a SQL database, hashed with ``pepper``. Thread-safe (the engine pools).
+
+    Every method is one short transaction; a change and its ``key_events`` row commit
+    together. ``clock`` returns unix seconds (tests pass a fake one).
+    """
+
+    def __init__(self, engine: Engine, pepper: Pepper, *, clock: Callable[[], float] = time.time) -> None:
+        self._engine = engine
+        self._pepper = pepper
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"KeyStore({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    @property
+    def engine(self) -> Engine:
+        """The engine the store uses."""
+        return self._engine
+
+    def migrate(self) -> int:
+        """Bring the schema up to date (idempotent); returns the schema version."""
+        return migrate(self._engine, SERVICE, MIGRATIONS)
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def create_key(
+        self,
+        *,
+        tenant: str,
+        name: str = "",
+        allowed_models: Sequence[str] = (),
+        rpm: int = 0,
+        tpm: int = 0,
+        max_concurrency: int = 0,
+        expires_at: int = 0,
+    ) -> tuple[KeyInfo, str]:
+        """Create a key; returns its info and the plaintext, which exists nowhere else afterwards.
+
+        Raises :class:`InvalidKeyArgument` for an empty tenant, over-long text, negative
+        limits or an ``expires_at`` that is not in the future.
+        """
+        now = self._now()
+        expires = _expires(expires_at)
+        if expires and expires <= now:
+            raise InvalidKeyArgument("expires_at is in the past")
+        api_key = generate_key()
+        values = {
+            "id": "key_" + secrets.token_hex(12),
+            "key_hash": self._pepper.hash_key(api_key),
+            "prefix": display_prefix(api_key),
+            "name": _text("name", name, required=False),
+            "tenant": _text("tenant", tenant, required=True),
+            "allowed_models": json.dumps(list(_models(allowed_models))),
+            "rpm": _limit("rpm", rpm),
+            "tpm": _limit("tpm", tpm),
+            "max_concurrency": _limit("max_concurrency", max_concurrency),
+            "expires_at": expires,
+            "revoked": False,
+            "created_at": now,
+            "updated_at": now,
+        }
+        with self._engine.begin() as conn:
+            conn.execute(sa.insert(API_KEYS).values(**values))
+            row = conn.execute(sa.select(*_INFO_COLUMNS).where(API_KEYS.c.id == values["id"])).one()
+        return _info(row), api_key
+
+    def get(self, key_id: str) -> KeyInfo:
+        """The key with ``key_id``, or :class:`KeyNotFound`."""
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(*_INFO_COLUMNS).where(API_KEYS.c.id == key_id)).first()
+        if row is None:
+            raise KeyNotFound("no such key")
+        return _info(row)
+
+    def list_keys(self, tenant: str = "", include_revoked: bool = False) -> list[KeyInfo]:
+        """Keys of ``tenant`` (empty: all tenants), oldest first; revoked ones only if asked."""
+        query = sa.select(*_INFO_COLUMNS).order_by(API_KEYS.c.created_at, API_KEYS.c.id)
+        if tenant:
+            query = query.where(API_KEYS.c.tenant == tenant)
+        if not include_revoked:
+            query = query.where(API_KEYS.c.revoked.is_(False))
+        with self._engine.connect() as conn:
+            return [_info(r) for r in conn.execute(query)]
+
+    def revoke(self, *, key_id: str | None = None, api_key: str | None = None) -> KeyInfo:
+        """Revoke the key named by id or by its plaintext (exactly one); idempotent.
+
+        The first revocation records a ``revoked`` event in the same transaction; a
+        repeat changes nothing and returns the (revoked) key. :class:`KeyNotFound` if
+        no key matches.
+        """
+        if (key_id is None) == (api_key is None):
+            raise InvalidKeyArgument("give the key's id or the key itself")
+        with self._engine.begin() as conn:
+            if api_key is not None:
+                if not looks_like_key(api_key):
+                    raise KeyNotFound("no such key")
+                where = API_KEYS.c.key_hash == self._pepper.hash_key(api_key)
+            else:
+                where = API_KEYS.c.id == key_id
+            row = conn.execute(sa.select(API_KEYS.c.id).where(where)).first()
+            if row is None:
+                raise KeyNotFound("no such key")
+            now = self._now()
+            changed = conn.execute(
+                sa.update(API_KEYS)
+                .where(API_KEYS.c.id == row.id, API_KEYS.c.revoked.is_(False))
+                .values(revoked=True, updated_at=now)
+            ).rowcount
+            if changed:
+                conn.execute(sa.insert(KEY_EVENTS).values(key_id=row.id, kind="revoked", created_at=now))
+            info = conn.execute(sa.select(*_INFO_COLUMNS).where(API_KEYS.c.id == row.id)).one()
+        return _info(info)
+
+    def update(
+        self,
+        key_id: str,
+        *,
+        name: str | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrency: int | None = None,
+        expires_at: int | None = None,
+        allowed_models: Sequence[str] | None = None,
+    ) -> KeyInfo:
+        """Change the given fields (``None``: keep) and record an ``updated`` event.
+
+        ``expires_at`` may lie in the past (that expires the key now). A call that sets
+        nothing changes nothing. :class:`KeyNotFound` for an unknown id.
+        """
+        values: dict[str, Any] = {}
+        if name is not None:
+            values["name"] = _text("name", name, required=False)
+        for field, value in (("rpm", rpm), ("tpm", tpm), ("max_concurrency", max_concurrency)):
+            if value is not None:
+                values[field] = _limit(field, value)
+        if expires_at is not None:
+            values["expires_at"] = _expires(expires_at)
+        if allowed_models is not None:
+            values["allowed_models"] = json.dumps(list(_models(allowed_models)))
+        if not values:
+            return self.get(key_id)
+        with self._engine.begin() as conn:
+            now = self._now()
+            changed = conn.execute(
+                sa.update(API_KEYS).where(API_KEYS.c.id == key_id).values(**values, updated_at=now)
+            ).rowcount
+            if not changed:
+                raise KeyNotFound("no such key")
+            conn.execute(sa.insert(KEY_EVENTS).values(key_id=key_id, kind="updated", created_at=now))
+            row = conn.execute(sa.select(*_INFO_COLUMNS).where(API_KEYS.c.id == key_id)).one()
+        return _info(row)
+
+    def verify(self, api_key: str, now: float | None = None) -> Principal | None:
+        """The principal of a valid key, else ``None``.
+
+        Unknown, revoked and expired keys take the same path (hash, one indexed lookup,
+        a constant-time comparison, the same checks) and all give ``None``; only a key
+        that is malformed (wrong prefix or length) is turned away before hashing.
+        """
+        if not looks_like_key(api_key):
+            return None
+        presented = self._pepper.hash_key(api_key)
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(API_KEYS).where(API_KEYS.c.key_hash == presented)).first()
+        at = self._now() if now is None else int(now)
+        info = _info(row) if row is not None else None
+        stored = row.key_hash if row is not None else _DUMMY_HASH
+        matches = hmac.compare_digest(stored.encode("ascii"), presented.encode("ascii"))
+        if info is None or not matches or info.revoked or 0 < info.expires_at <= at:
+            return None
+        same = {f.name: getattr(info, f.name) for f in fields(Principal) if f.name != "key_id"}
+        return Principal(key_id=info.id, **same)
+
+    def max_event_id(self) -> int:
+        """The id of the newest key event, or 0 if there is none."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.max(KEY_EVENTS.c.id))).scalar() or 0)
+
+    def events_after(self, event_id: int, *, also: Iterable[int] = (), limit: int = 1000) -> list[KeyEvent]:
+        """Events with id > ``event_id`` (at most ``limit``), plus those with ids in ``also``; by id."""
+        cond = KEY_EVENTS.c.id > event_id
+        extra = sorted(set(also))
+        if extra:
+            cond = sa.or_(cond, KEY_EVENTS.c.id.in_(extra))
+        query = sa.select(KEY_EVENTS).where(cond).order_by(KEY_EVENTS.c.id).limit(limit + len(extra))
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [KeyEvent(int(r.id), r.key_id, r.kind, int(r.created_at)) for r in rows]
+
+
+class EventCursor:
+    """Reads ``key_events`` in order without missing rows that commit out of id order.
+
+    On PostgreSQL two replicas may take event ids 5 and 6 and commit 6 first; a plain
+    "id > last seen" would then skip 5 forever. The cursor remembers such holes and
+    asks for them again on each poll for ``gap_ttl`` seconds (a hole can also be an id
+    from a rolled-back transaction, which never appears). Not thread-safe: one poller.
+    """
+
+    def __init__(self, store: KeyStore, start_after: int, *, gap_ttl: float = 60.0, max_gaps: int = 1000):
+        self._store = store
+        self._last = start_after
+        self._gaps: dict[int, float] = {}
+        self._gap_ttl = gap_ttl
+        self._max_gaps = max_gaps
+
+    @classmethod
+    def at_end(cls, store: KeyStore, *, lookback: int = 256) -> EventCursor:
+        """A cursor after the newest event that still watches holes among the last ``lookback`` ids."""
+        cursor = cls(store, max(0, store.max_event_id() - lookback))
+        cursor.poll()  # skips what is there, remembers what is missing
+        return cursor
+
+    @property
+    def last_id(self) -> int:
+        """The highest event id seen so far."""
+        return self._last
+
+    def poll(self, now: float | None = None) -> list[KeyEvent]:
+        """New events since the last poll (including late commits into holes), by id."""
+        at = time.monotonic() if now is None else now
+        events = self._store.events_after(self._last, also=self._gaps)
+        seen = {e.id for e in events}
+        for event_id in seen & self._gaps.keys():
+            del self._gaps[event_id]
+        if events:
+            top = max(seen)
+            for missing in range(max(self._last + 1, top - self._max_gaps), top):
+                if missing not in seen and len(self._gaps) < self._max_gaps:
+                    self._gaps[missing] = at
+            self._last = max(self._last, top)
+        for event_id, since in list(self._gaps.items()):
+            if at - since > self._gap_ttl:
+                del self._gaps[event_id]
+        return events

@@ -1,0 +1,377 @@
+"""auth-service over real gRPC with mutual TLS, on SQLite and PostgreSQL.
+
+Servers listen on 127.0.0.1:0 with certificates from the test PKI; clients connect as
+the identities ``admin``, ``tail`` and ``secrets``, and with bad certificates.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tail_service.authsvc import AuthService, PepperError, ensure_pepper_file, load_pepper
+from tail_service.proto import auth_pb2, auth_pb2_grpc
+from tail_service.rpc.tls import channel_credentials
+from tail_service.settings import AuthServiceSettings, TLSFiles
+
+StubFor = Callable[..., Any]
+
+
+@pytest.fixture
+def pepper_path(tmp_path: Path) -> Path:
+    path = tmp_path / "pepper"
+    ensure_pepper_file(path)
+    return path
+
+
+@pytest.fixture
+def settings_for(
+    tls_for: Callable[[str], TLSFiles], pepper_path: Path, tmp_path: Path
+) -> Callable[..., AuthServiceSettings]:
+    def make(database_url: str | None = None, **kw: Any) -> AuthServiceSettings:
+        kw.setdefault("tls", tls_for("auth"))
+        return AuthServiceSettings(
+            listen="127.0.0.1:0",
+            database_url=database_url or f"sqlite:///{tmp_path / 'auth.db'}",
+            pepper_file=pepper_path,
+            **kw,
+        )
+
+    return make
+
+
+@pytest.fixture
+def serve(
+    settings_for: Callable[..., AuthServiceSettings], tmp_path: Path
+) -> Iterator[Callable[..., tuple[AuthService, int]]]:
+    """``serve(db_url)`` starts an auth-service; all are stopped at teardown."""
+    started: list[AuthService] = []
+
+    def start(database_url: str | None = None, **kw: Any) -> tuple[AuthService, int]:
+        service = AuthService.build(settings_for(database_url, **kw), base_dir=tmp_path)
+        started.append(service)
+        return service, service.start().port
+
+    yield start
+    for service in started:
+        service.stop(grace=0.5)
+
+
+@pytest.fixture
+def connect(tls_for: Callable[[str], TLSFiles]) -> Iterator[Callable[..., Any]]:
+    """``connect(port, identity)`` (or ``creds=``) gives an AuthService stub; channels closed at teardown."""
+    channels: list[grpc.Channel] = []
+
+    def make(port: int, identity: str = "admin", *, creds: grpc.ChannelCredentials | None = None) -> Any:
+        channel = grpc.secure_channel(f"127.0.0.1:{port}", creds or channel_credentials(tls_for(identity)))
+        channels.append(channel)
+        return auth_pb2_grpc.AuthServiceStub(channel)
+
+    yield make
+    for channel in channels:
+        channel.close()
+
+
+def rpc_error(method: Callable[..., Any], request: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        method(request, timeout=5)
+    return info.value
+
+
+def verify(stub: Any, key: str) -> Any:
+    return stub.VerifyKey(auth_pb2.VerifyKeyRequest(api_key=key), timeout=5).principal
+
+
+def create(stub: Any, tenant: str = "acme", **kw: Any) -> Any:
+    return stub.CreateKey(auth_pb2.CreateKeyRequest(tenant=tenant, **kw), timeout=5)
+
+
+def test_key_lifecycle(serve: Callable[..., tuple[AuthService, int]], connect: StubFor, db_url: str) -> None:
+    _, port = serve(db_url)
+    admin, tail = connect(port), connect(port, "tail")
+    made = create(admin, name="ci", allowed_models=["gpt-test"], limits=auth_pb2.Limits(rpm=60, tpm=1000))
+    key = made.api_key
+    assert re.fullmatch(r"sk-tail-[A-Za-z0-9_-]{43,}", key)
+    assert made.key.prefix == key[:12] and made.key.id.startswith("key_") and not made.key.revoked
+
+    listed = admin.ListKeys(auth_pb2.ListKeysRequest(tenant="acme"), timeout=5)
+    assert [k.id for k in listed.keys] == [made.key.id] and listed.keys[0].prefix == key[:12]
+    assert key.encode() not in listed.SerializeToString()
+    assert key[12:20].encode() not in listed.SerializeToString()
+
+    p = verify(tail, key)
+    assert (p.key_id, p.tenant, p.name, list(p.allowed_models)) == (made.key.id, "acme", "ci", ["gpt-test"])
+    assert (p.limits.rpm, p.limits.tpm, p.limits.max_concurrency, p.expires_at) == (60, 1000, 0, 0)
+
+    req = auth_pb2.UpdateKeyRequest(id=made.key.id, rpm=5, max_concurrency=2, set_allowed_models=True)
+    updated = admin.UpdateKey(req, timeout=5).key
+    assert (updated.limits.rpm, updated.limits.tpm, updated.limits.max_concurrency) == (5, 1000, 2)
+    p = verify(tail, key)
+    assert (p.limits.rpm, p.limits.tpm, p.limits.max_concurrency, list(p.allowed_models)) == (5, 1000, 2, [])
+
+    unknown = rpc_error(tail.VerifyKey, auth_pb2.VerifyKeyRequest(api_key="sk-tail-" + "A" * 43))
+    assert (unknown.code(), unknown.details()) == (grpc.StatusCode.UNAUTHENTICATED, "invalid api key")
+
+    def same_as_unknown(k: str) -> None:
+        err = rpc_error(tail.VerifyKey, auth_pb2.VerifyKeyRequest(api_key=k))
+        assert (err.code(), err.details(), err.trailing_metadata()) == (
+            unknown.code(),
+            unknown.details(),
+            unknown.trailing_metadata(),
+        )
+
+    for malformed in ("", "sk-test", key[:-1]):
+        same_as_unknown(malformed)
+
+    expiring = create(admin, name="soon")
+    admin.UpdateKey(auth_pb2.UpdateKeyRequest(id=expiring.key.id, expires_at=int(time.time()) - 1), timeout=5)
+    same_as_unknown(expiring.api_key)
+
+    revoked = admin.RevokeKey(auth_pb2.RevokeKeyRequest(id=made.key.id), timeout=5).key
+    assert revoked.revoked and revoked.id == made.key.id
+    same_as_unknown(key)
+    assert admin.RevokeKey(auth_pb2.RevokeKeyRequest(api_key=key), timeout=5).key.revoked  # idempotent
+
+    other = create(admin, tenant="beta")
+    assert admin.RevokeKey(auth_pb2.RevokeKeyRequest(api_key=other.api_key), timeout=5).key.id == other.key.id
+    same_as_unknown(other.api_key)
+
+    assert admin.ListKeys(auth_pb2.ListKeysRequest(), timeout=5).keys[0].id == expiring.key.id
+    every = admin.ListKeys(auth_pb2.ListKeysRequest(include_revoked=True), timeout=5).keys
+    assert {k.id for k in every} == {made.key.id, expiring.key.id, other.key.id}
+
+    for method, request, code in [
+        (admin.RevokeKey, auth_pb2.RevokeKeyRequest(id="key_nope"), grpc.StatusCode.NOT_FOUND),
+        (admin.RevokeKey, auth_pb2.RevokeKeyRequest(api_key=key[:-2] + "xx"), grpc.StatusCode.NOT_FOUND),
+        (admin.RevokeKey, auth_pb2.RevokeKeyRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+        (admin.UpdateKey, auth_pb2.UpdateKeyRequest(id="key_nope", rpm=1), grpc.StatusCode.NOT_FOUND),
+        (admin.UpdateKey, auth_pb2.UpdateKeyRequest(rpm=1), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            admin.UpdateKey,
+            auth_pb2.UpdateKeyRequest(id=made.key.id, tpm=-1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (admin.CreateKey, auth_pb2.CreateKeyRequest(tenant=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            admin.CreateKey,
+            auth_pb2.CreateKeyRequest(tenant="t", expires_at=5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ]:
+        assert rpc_error(method, request).code() == code
+
+
+def test_watchers_see_revocations_made_through_another_replica(
+    serve: Callable[..., tuple[AuthService, int]], connect: StubFor, db_url: str
+) -> None:
+    _, port_a = serve(db_url)
+    _, port_b = serve(db_url)
+    via_b = connect(port_b)
+    first, second = create(via_b).key, create(via_b).key
+    stream = connect(port_a, "tail").WatchKeyEvents(auth_pb2.WatchKeyEventsRequest(), timeout=20)
+    hello = next(stream)
+    assert hello.kind == auth_pb2.KeyEvent.HELLO
+
+    started = time.monotonic()
+    via_b.RevokeKey(auth_pb2.RevokeKeyRequest(id=first.id), timeout=5)
+    event = next(stream)
+    assert time.monotonic() - started < 1.0
+    assert (event.kind, event.key_id) == (auth_pb2.KeyEvent.REVOKED, first.id)
+    assert event.event_id > hello.event_id
+
+    via_b.UpdateKey(auth_pb2.UpdateKeyRequest(id=second.id, tpm=7), timeout=5)
+    event = next(stream)
+    assert (event.kind, event.key_id) == (auth_pb2.KeyEvent.UPDATED, second.id)
+    stream.cancel()
+
+
+def test_graceful_stop_ends_an_open_watch_stream(
+    serve: Callable[..., tuple[AuthService, int]], connect: StubFor
+) -> None:
+    service, port = serve()
+    stream = connect(port, "tail").WatchKeyEvents(auth_pb2.WatchKeyEventsRequest(), timeout=20)
+    assert next(stream).kind == auth_pb2.KeyEvent.HELLO
+    started = time.monotonic()
+    stopper = threading.Thread(target=service.stop, kwargs={"grace": 10})
+    stopper.start()
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    stopper.join(10)
+    assert not stopper.is_alive() and time.monotonic() - started < 3
+
+
+def test_transport_security_rejects_bad_clients(
+    serve: Callable[..., tuple[AuthService, int]],
+    connect: StubFor,
+    pki_dir: Path,
+    rogue_tls: Callable[[str], TLSFiles],
+    expired_tls: Callable[[str], TLSFiles],
+) -> None:
+    _, port = serve()
+    ca = (pki_dir / "ca.pem").read_bytes()
+
+    def with_cert(files: TLSFiles) -> grpc.ChannelCredentials:  # our CA trusted, their certificate shown
+        return grpc.ssl_channel_credentials(ca, files.key_file.read_bytes(), files.cert_file.read_bytes())
+
+    for creds in (
+        grpc.ssl_channel_credentials(root_certificates=ca),
+        with_cert(rogue_tls("admin")),
+        with_cert(expired_tls("admin")),
+    ):
+        err = rpc_error(connect(port, creds=creds).ListKeys, auth_pb2.ListKeysRequest())
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert connect(port, "admin").ListKeys(auth_pb2.ListKeysRequest(), timeout=5).keys == []
+
+
+def test_identities_are_authorized_per_rpc(
+    serve: Callable[..., tuple[AuthService, int]], connect: StubFor
+) -> None:
+    _, port = serve()
+    made = create(connect(port))
+    tail, secrets = connect(port, "tail"), connect(port, "secrets")
+    for method, request in [
+        (tail.CreateKey, auth_pb2.CreateKeyRequest(tenant="t")),
+        (tail.ListKeys, auth_pb2.ListKeysRequest()),
+        (tail.RevokeKey, auth_pb2.RevokeKeyRequest(id=made.key.id)),
+        (tail.UpdateKey, auth_pb2.UpdateKeyRequest(id=made.key.id, rpm=1)),
+        (secrets.VerifyKey, auth_pb2.VerifyKeyRequest(api_key=made.api_key)),
+    ]:
+        assert rpc_error(method, request).code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as info:
+        next(secrets.WatchKeyEvents(auth_pb2.WatchKeyEventsRequest(), timeout=5))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert verify(tail, made.api_key).key_id == made.key.id
+    assert not connect(port).ListKeys(auth_pb2.ListKeysRequest(), timeout=5).keys[0].revoked
+
+
+def test_health_reports_serving(
+    serve: Callable[..., tuple[AuthService, int]], tls_for: Callable[[str], TLSFiles]
+) -> None:
+    _, port = serve()
+    with grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(tls_for("tail"))) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tail.auth.v1.AuthService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_no_plaintext_key_is_stored_or_logged(
+    serve: Callable[..., tuple[AuthService, int]],
+    connect: StubFor,
+    db_url: str,
+    pepper_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    service, port = serve(db_url)
+    admin = connect(port)
+    keys = [create(admin, name=f"k{i}").api_key for i in range(3)]
+    verify(admin, keys[0])
+    rpc_error(admin.VerifyKey, auth_pb2.VerifyKeyRequest(api_key=keys[1][:-1] + "?"))
+    admin.RevokeKey(auth_pb2.RevokeKeyRequest(api_key=keys[1]), timeout=5)
+    rpc_error(admin.VerifyKey, auth_pb2.VerifyKeyRequest(api_key=keys[1]))
+    pepper = pepper_path.read_text().strip()
+    secrets = [k[len("sk-tail-") :] for k in keys] + [pepper]
+    stored_hash = load_pepper(AuthServiceSettings(pepper_file=pepper_path), pepper_path.parent).hash_key(
+        keys[0]
+    )
+
+    if db_url.startswith("sqlite"):
+        db = Path(db_url.removeprefix("sqlite:///"))
+        blob = b"".join(p.read_bytes() for p in (db, Path(f"{db}-wal")) if p.exists())
+        assert stored_hash.encode() in blob  # the file really holds the keys
+        for s in secrets:
+            assert s.encode() not in blob
+    else:
+        engine = sa.create_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                dump = ""
+                for table in ("api_keys", "key_events", "schema_migrations"):
+                    dump += repr(conn.execute(sa.text(f"SELECT * FROM {table}")).all())
+        finally:
+            engine.dispose()
+        assert stored_hash in dump
+        for s in secrets:
+            assert s not in dump
+    service.stop(grace=0.5)
+
+    records = caplog.records
+    assert any(r.name.startswith("tail_service.authsvc") for r in records)
+    text = caplog.text + "".join(repr(vars(r)) for r in records)
+    for s in secrets:
+        assert s not in text
+
+
+def test_refuses_to_start_without_pepper_or_tls(
+    settings_for: Callable[..., AuthServiceSettings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TAIL_TEST_NO_PEPPER", raising=False)
+    no_pepper = settings_for().model_copy(update={"pepper_file": None, "pepper_env": "TAIL_TEST_NO_PEPPER"})
+    with pytest.raises(PepperError, match="TAIL_TEST_NO_PEPPER"):
+        AuthService.build(no_pepper, base_dir=tmp_path)
+    missing = settings_for().model_copy(update={"pepper_file": Path("nowhere/pepper")})
+    with pytest.raises(PepperError, match="pepper file"):
+        AuthService.build(missing, base_dir=tmp_path)
+    with pytest.raises(ValueError, match="without TLS"):
+        AuthService.build(settings_for(tls=None), base_dir=tmp_path)
+    assert not (tmp_path / "auth.db").exists()
+
+
+def test_run_logs_the_bound_port_and_stops_on_sigterm(
+    settings_for: Callable[..., AuthServiceSettings], tmp_path: Path, tls_for: Callable[[str], TLSFiles]
+) -> None:
+    script = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from tail_service.authsvc import run\n"
+        "from tail_service.settings import AuthServiceSettings\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "run(AuthServiceSettings.model_validate_json(sys.argv[1]), base_dir=Path(sys.argv[2]))\n"
+    )
+    config = settings_for().model_dump_json()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, config, str(tmp_path)], stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "auth-service listening on" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(30), "".join(lines)
+        found = re.search(r"auth-service listening on 127\.0\.0\.1:(\d+)", "".join(lines))
+        assert found and int(found.group(1)) > 0, "".join(lines)
+        with grpc.secure_channel(f"127.0.0.1:{found.group(1)}", channel_credentials(tls_for("admin"))) as ch:
+            stub = auth_pb2_grpc.AuthServiceStub(ch)
+            assert stub.ListKeys(auth_pb2.ListKeysRequest(), timeout=5).keys == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(5)
+        if proc.stderr is not None:
+            proc.stderr.close()
