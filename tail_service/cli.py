@@ -7,6 +7,7 @@ service alone, for deployments, optionally with several worker processes.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -122,6 +123,10 @@ def _run(settings: Settings, *, banner: bool) -> None:
             err=True,
         )
     typer.echo(f"tail-service listening on {url}", err=True)
+    # uvicorn shuts down gracefully on SIGTERM, restores the previous handlers and then
+    # raises the signal again; this handler turns that into a normal exit, so `finally`
+    # blocks (stopping `up`'s child services) run and the exit status is 0.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     if workers == 1:
         config = uvicorn.Config(create_app(settings), **common)
         uvicorn.Server(config).run(sockets=[sock])
@@ -132,6 +137,10 @@ def _run(settings: Settings, *, banner: bool) -> None:
 
     config = uvicorn.Config("tail_service.app:create_app_from_env", factory=True, workers=workers, **common)
     Multiprocess(config, sockets=[sock]).run()
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _export_settings(settings: Settings) -> None:

@@ -9,13 +9,31 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
+
+
+def child_pids(pid: int) -> dict[int, str]:
+    """Children of ``pid`` (started by any of its threads) with their command lines."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids = task.read_text().split()
+        except OSError:
+            continue
+        for child in kids:
+            try:
+                out[int(child)] = Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ")
+            except OSError:
+                continue
+    return out
 
 
 def main() -> None:
@@ -120,6 +138,38 @@ def main() -> None:
                 break
             time.sleep(0.05)
         out["health"] = httpx.get(url + "/health", timeout=10).json()  # no key needed
+        # A crashed child is restarted; keys keep working meanwhile from the verdict cache.
+        second = (
+            subprocess.run(
+                [exe, "keys", "create", "--name", "second", "--state-dir", state_dir],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        client2 = openai.OpenAI(base_url=url + "/v1", api_key=second, max_retries=0, timeout=60)
+        client2.models.list()
+        children = child_pids(proc.pid)
+        auth_pid = next(pid for pid, cmd in children.items() if "auth-service" in cmd)
+        os.kill(auth_pid, signal.SIGKILL)
+        out["cached_key_while_auth_down"] = bool(client2.models.list().data)
+        t0 = time.monotonic()
+        out["auth_restarted_after_s"] = None
+        while time.monotonic() - t0 < 20:
+            now = child_pids(proc.pid)
+            if any("auth-service" in cmd and pid != auth_pid for pid, cmd in now.items()):
+                done = subprocess.run(
+                    [exe, "keys", "list", "--state-dir", state_dir], capture_output=True, env=env, timeout=60
+                )
+                if done.returncode == 0:
+                    out["auth_restarted_after_s"] = time.monotonic() - t0
+                    break
+            time.sleep(0.2)
+        out["children"] = sorted(child_pids(proc.pid))
     finally:
         proc.terminate()
         try:
@@ -129,7 +179,9 @@ def main() -> None:
             out["exit_code"] = "killed"
         if drain.ident is not None:
             drain.join(5)
-        out["log_tail"] = log_lines[-20:]
+        out["log_tail"] = log_lines[-40:]
+        time.sleep(0.5)
+        out["children_left"] = [pid for pid in out.get("children", []) if os.path.exists(f"/proc/{pid}")]
     print(json.dumps(out))
 
 
