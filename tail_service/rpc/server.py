@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -118,7 +119,9 @@ def serve_until_signalled(
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     box.append(running)
-    log.info(announce.format(port=running.port))
+    # Printed, not logged: `up` and scripts wait for this line whatever the log level.
+    sys.stderr.write(announce.format(port=running.port) + "\n")
+    sys.stderr.flush()
     # Poll rather than block forever, so the handler runs promptly whatever thread the
     # kernel chose for the signal.
     while not stop.wait(0.5):
