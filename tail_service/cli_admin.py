@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -93,10 +93,16 @@ def secret_service(config: ConfigOpt = None, state_dir: StateOpt = None) -> None
         raise _fail(f"secret-service: {exc}") from None
 
 
+A = TypeVar("A", KeysAdmin, SecretsAdmin)
+
+
 @contextmanager
-def _keys(state_dir: Path | None, address: str | None, tls_dir: Path | None) -> Iterator[KeysAdmin]:
+def _admin(
+    kind: type[A], service: str, state_dir: Path | None, address: str | None, tls_dir: Path | None
+) -> Iterator[A]:
+    """An admin client for ``service``; its errors end the command with a one-line message."""
     try:
-        admin = KeysAdmin(resolve("auth_service", state_dir or default_state_dir(), address, tls_dir))
+        admin = kind(resolve(service, state_dir or default_state_dir(), address, tls_dir))
     except AdminError as exc:
         raise _fail(str(exc)) from None
     try:
@@ -107,18 +113,16 @@ def _keys(state_dir: Path | None, address: str | None, tls_dir: Path | None) -> 
         admin.close()
 
 
-@contextmanager
-def _secrets(state_dir: Path | None, address: str | None, tls_dir: Path | None) -> Iterator[SecretsAdmin]:
-    try:
-        admin = SecretsAdmin(resolve("secret_service", state_dir or default_state_dir(), address, tls_dir))
-    except AdminError as exc:
-        raise _fail(str(exc)) from None
-    try:
-        yield admin
-    except AdminError as exc:
-        raise _fail(str(exc)) from None
-    finally:
-        admin.close()
+def _keys(
+    state_dir: Path | None, address: str | None, tls_dir: Path | None
+) -> AbstractContextManager[KeysAdmin]:
+    return _admin(KeysAdmin, "auth_service", state_dir, address, tls_dir)
+
+
+def _secrets(
+    state_dir: Path | None, address: str | None, tls_dir: Path | None
+) -> AbstractContextManager[SecretsAdmin]:
+    return _admin(SecretsAdmin, "secret_service", state_dir, address, tls_dir)
 
 
 def _models(value: str | None) -> list[str]:
@@ -243,10 +247,7 @@ def secrets_set(
     tls_dir: TlsDirOpt = None,
 ) -> None:
     """Store a secret (a new version if it exists). The value is read from stdin, never argv."""
-    value = _read_value()
-    with _secrets(state_dir, secrets_address, tls_dir) as admin:
-        meta = admin.set(name, value)
-    typer.echo(f"stored {meta.name} version {meta.version}")
+    _write_secret(name, rotate=False, state_dir=state_dir, address=secrets_address, tls_dir=tls_dir)
 
 
 @secrets_app.command("rotate")
@@ -257,10 +258,16 @@ def secrets_rotate(
     tls_dir: TlsDirOpt = None,
 ) -> None:
     """Replace an existing secret's value (read from stdin) with a new version."""
+    _write_secret(name, rotate=True, state_dir=state_dir, address=secrets_address, tls_dir=tls_dir)
+
+
+def _write_secret(
+    name: str, *, rotate: bool, state_dir: Path | None, address: str | None, tls_dir: Path | None
+) -> None:
     value = _read_value()
-    with _secrets(state_dir, secrets_address, tls_dir) as admin:
-        meta = admin.rotate(name, value)
-    typer.echo(f"rotated {meta.name} to version {meta.version}")
+    with _secrets(state_dir, address, tls_dir) as admin:
+        meta = admin.rotate(name, value) if rotate else admin.set(name, value)
+    typer.echo(f"{'rotated' if rotate else 'stored'} {meta.name}, version {meta.version}")
 
 
 @secrets_app.command("list")
