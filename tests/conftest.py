@@ -23,7 +23,7 @@ from tail_service.app import create_app
 from tail_service.settings import Settings, load_settings
 from tests.fakes.openai_upstream import FakeOpenAI, run_openai_upstream_in_thread
 
-pytest_plugins = ["tests.rpc_fixtures"]
+pytest_plugins = ["tests.rpc_fixtures", "tests.stack_fixtures"]
 
 UPSTREAM_KEY_ENV = "TAIL_TEST_UPSTREAM_KEY"
 

@@ -4,30 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
-from tail_service.authsvc.keys import ensure_pepper_file
-from tail_service.settings import TLSFiles
-from tests.integration.test_security_e2e import Stack, free_port
+from tests.stack_fixtures import Stack
 
 EXE = str(Path(sys.executable).with_name("tail-service"))
-
-
-@pytest.fixture
-def stack(tmp_path: Path, tls_for: Callable[[str], TLSFiles]) -> Iterator[Stack]:
-    ensure_pepper_file(tmp_path / "pepper")
-    st = Stack(tmp_path, tls_for, free_port(), free_port())
-    st.start_auth()
-    st.start_secrets()
-    try:
-        yield st
-    finally:
-        for svc in (st.auth, st.secrets):
-            if svc is not None:
-                svc.stop(grace=0.2)
 
 
 def cli(

@@ -24,7 +24,7 @@ from tail_service.rpc.tls import channel_credentials, tls_from_dir
 from tail_service.settings import AuthServiceSettings, TLSFiles
 from tests.conftest import serve_app
 from tests.fakes.openai_upstream import run_openai_upstream_in_thread
-from tests.integration.test_security_e2e import Stack, free_port
+from tests.stack_fixtures import Stack, free_port
 
 EXE = str(Path(sys.executable).with_name("tail-service"))
 
