@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 
 from tail_service.core.inference import UsageRecord
 
@@ -17,9 +17,6 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "tail_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
-        )
         self.tokens = Counter(
             "tail_tokens", "Tokens used, by model and kind", ["model", "kind"], registry=self.registry
         )
@@ -28,13 +25,6 @@ class Metrics:
             "Usage records by outcome",
             ["model", "outcome", "estimated"],
             registry=self.registry,
-        )
-        self.latency = Histogram(
-            "tail_request_seconds",
-            "Request latency by route",
-            ["route"],
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
 
 
