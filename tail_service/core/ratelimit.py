@@ -1,0 +1,221 @@
+"""Rate limiting: what a limiter is asked, what it answers, and how the answer is shown.
+
+Pure: no I/O here. A :class:`RateLimiter` (``clients/ratelimit_redis.py`` is the shared
+one) admits or rejects a request against the limits of its API key and of the key's use
+of one model, over a sliding window of one minute:
+
+- requests per minute (``rpm``): admissions in the last 60 s;
+- tokens per minute (``tpm``): tokens reserved up front by admissions in the last 60 s,
+  corrected to the real usage by :meth:`RateLimiter.settle`;
+- concurrency (``max_concurrency``): admitted requests not settled yet.
+
+The answer carries what the HTTP layer needs for the OpenAI ``x-ratelimit-*`` headers
+(:func:`ratelimit_headers`), the 429 message (:func:`rate_limit_message`) and
+``Retry-After``. All times are integer milliseconds.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+#: the window of the per-minute limits, in milliseconds
+WINDOW_MS = 60_000
+
+#: every value :attr:`Admission.reason` can take, in the order a limiter checks them
+REASONS: tuple[str, ...] = (
+    "requests",
+    "tokens",
+    "concurrency",
+    "model_requests",
+    "model_tokens",
+    "model_concurrency",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One set of limits; ``0`` means no limit of that kind. Values must not be negative."""
+
+    #: admissions per sliding minute
+    rpm: int = 0
+    #: tokens (reserved, then settled) per sliding minute
+    tpm: int = 0
+    #: requests in flight (admitted, not settled yet)
+    max_concurrency: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.rpm, self.tpm, self.max_concurrency) < 0:
+            raise ValueError(f"limits must not be negative: {self!r}")
+
+    @property
+    def any(self) -> bool:
+        """Whether at least one kind is limited."""
+        return bool(self.rpm or self.tpm or self.max_concurrency)
+
+
+class Priority(enum.StrEnum):
+    """How much of a limit a request may use."""
+
+    #: a person is waiting: may use the whole limit
+    INTERACTIVE = "interactive"
+    #: background work: admitted only while a headroom of every limit stays free for interactive traffic
+    BATCH = "batch"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """One request asking to be admitted; pass the same object to ``settle`` later.
+
+    ``subject`` is the API key id: all of its limiter state lives in one Redis Cluster
+    hash slot, so it must not be empty. ``request_id`` must be unique per admission.
+    ``tokens`` (>= 0) is reserved against the token limits up front: prompt tokens plus
+    ``max_tokens`` (or a default when the client sent none).
+    """
+
+    subject: str
+    request_id: str
+    model: str
+    tokens: int
+    #: the key's own limits (from auth-service)
+    key_limits: Limits
+    #: limits from config, applied per key per model
+    model_limits: Limits
+    priority: Priority = Priority.INTERACTIVE
+
+    def __post_init__(self) -> None:
+        if not self.subject:
+            raise ValueError("the rate-limit subject (API key id) must not be empty")
+        if self.tokens < 0:
+            raise ValueError(f"tokens must not be negative: {self.tokens}")
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit applies at all (if not, a limiter admits without I/O)."""
+        return self.key_limits.any or self.model_limits.any
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A limiter's answer.
+
+    For requests and tokens, ``limit_*``/``remaining_*``/``reset_*_ms`` describe the
+    tightest applicable limit of that kind (for a rejection: the limit that rejected, if
+    it is of that kind). ``remaining_*`` counts this request when it was admitted.
+    ``reset_*_ms`` is the time until the window holds nothing of the key's any more.
+    A ``limit_*`` of 0 means no limit of that kind: its headers are omitted.
+    """
+
+    allowed: bool
+    #: ``None`` when allowed, otherwise one of :data:`REASONS`
+    reason: str | None
+    limit_requests: int
+    remaining_requests: int
+    reset_requests_ms: int
+    limit_tokens: int
+    remaining_tokens: int
+    reset_tokens_ms: int
+    #: 0 when allowed; otherwise the time until the request could fit, in (0, 60000]
+    retry_after_ms: int = 0
+
+
+#: the answer when no limit applies
+UNLIMITED = Admission(True, None, 0, 0, 0, 0, 0, 0, 0)
+
+
+def format_duration(ms: int) -> str:
+    """``ms`` milliseconds as a Go-style duration, the way OpenAI's reset headers show them.
+
+    ``0s``, ``12ms``, ``1s``, ``8.64s``, ``6m0s``, ``1h2m3s``. Negative values count as 0.
+    The result always matches ``^(?=\\d)(\\d+h)?(\\d+m)?(\\d+(\\.\\d+)?(ms|us|µs|ns|s))?$``.
+    """
+    ms = max(0, int(ms))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds, millis = divmod(rest, 1000)
+    sec = f"{seconds}.{millis:03d}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{sec}"
+    if minutes:
+        return f"{minutes}m{sec}"
+    return sec
+
+
+def ratelimit_headers(a: Admission) -> dict[str, str]:
+    """The ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers of ``a``.
+
+    A kind without a limit (``limit_* == 0``) contributes no headers.
+    """
+    headers: dict[str, str] = {}
+    if a.limit_requests > 0:
+        headers["x-ratelimit-limit-requests"] = str(a.limit_requests)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, a.remaining_requests))
+        headers["x-ratelimit-reset-requests"] = format_duration(a.reset_requests_ms)
+    if a.limit_tokens > 0:
+        headers["x-ratelimit-limit-tokens"] = str(a.limit_tokens)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, a.remaining_tokens))
+        headers["x-ratelimit-reset-tokens"] = format_duration(a.reset_tokens_ms)
+    return headers
+
+
+def rate_limit_message(a: Admission, req: AdmissionRequest) -> str:
+    """The OpenAI-style 429 message for the rejection ``a`` of ``req``.
+
+    E.g. ``Rate limit reached for gpt-x on requests per min (RPM): Limit 50, Used 50,
+    Requested 1. Please try again in 1.2s.``; a request larger than the whole token
+    limit gets ``Request too large ...`` instead, since waiting cannot help it.
+    """
+    retry = f"Please try again in {format_duration(a.retry_after_ms)}."
+    reason = a.reason or "requests"
+    batch_note = (
+        " Batch requests leave part of every limit to interactive traffic."
+        if req.priority is Priority.BATCH
+        else ""
+    )
+    if reason.endswith("concurrency"):
+        scoped = reason.startswith("model_")
+        limit = (req.model_limits if scoped else req.key_limits).max_concurrency
+        where = f"this API key on {req.model}" if scoped else "this API key"
+        return f"Too many concurrent requests for {where}: Limit {limit} in flight. {retry}{batch_note}"
+    if reason.endswith("tokens"):
+        limit, used, requested = a.limit_tokens, a.limit_tokens - a.remaining_tokens, req.tokens
+        if requested > limit:
+            return (
+                f"Request too large for {req.model} on tokens per min (TPM): Limit {limit}, "
+                f"Requested {requested}. The input or output tokens must be reduced in order to run "
+                "successfully."
+            )
+        kind = "tokens per min (TPM)"
+    else:
+        limit, used, requested = a.limit_requests, a.limit_requests - a.remaining_requests, 1
+        kind = "requests per min (RPM)"
+    return (
+        f"Rate limit reached for {req.model} on {kind}: Limit {limit}, Used {used}, "
+        f"Requested {requested}. {retry}{batch_note}"
+    )
+
+
+class RateLimiter(Protocol):
+    """Admits requests against their limits and settles them when they end."""
+
+    async def admit(self, req: AdmissionRequest) -> Admission:
+        """Check every applicable limit and, only if all pass, record the request in all of them.
+
+        A rejection records nothing. Raises the backend's errors (the caller picks
+        fail-open or fail-closed).
+        """
+        ...
+
+    async def settle(self, req: AdmissionRequest, *, used_tokens: int | None) -> None:
+        """Replace the token reservation of ``req`` by ``used_tokens`` (``None``: keep it)
+        and release its concurrency slot.
+
+        Call exactly once per admitted request, whatever its end: success, error,
+        client disconnect or cut stream. Idempotent: a second call changes nothing.
+        """
+        ...
