@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import redis.asyncio
+import redis.exceptions
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -29,9 +31,12 @@ from tail_service.api.fastpath import FastPathMiddleware
 from tail_service.api.middleware import RequestIdMiddleware
 from tail_service.api.openapi import build_openapi, docs, openapi_json
 from tail_service.api.routes import ROUTES
+from tail_service.clients.admission import GuardedLimiter
 from tail_service.clients.auth import AuthClient, NoAuth
 from tail_service.clients.grpc_channel import ReloadingChannel
+from tail_service.clients.ratelimit_redis import RedisRateLimiter
 from tail_service.clients.secrets import SecretsClient
+from tail_service.core.admission import Admitter
 from tail_service.core.inference import InferenceService
 from tail_service.core.proxy import ModelProxy
 from tail_service.core.routing import ModelRouter
@@ -81,9 +86,15 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         request_timeout=settings.server.request_timeout,
         monotonic=time.monotonic,
     )
+    redis_client, limiter = _limiter(settings)
+    admitter = (
+        Admitter(limiter, router, counter, default_max_tokens=settings.ratelimit.default_max_tokens)
+        if limiter is not None
+        else None
+    )
     services = Services(
         settings=settings,
-        inference=InferenceService(proxy, counter, MetricsUsageSink(metrics)),
+        inference=InferenceService(proxy, counter, MetricsUsageSink(metrics), admitter),
         router=router,
         providers=providers,
         metrics=metrics,
@@ -100,6 +111,8 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     if secrets is not None:
         await secrets.start()
         services.health_checks["secret_service"] = secrets.health
+    if redis_client is not None and limiter is not None:
+        services.health_checks["redis"] = _redis_health(redis_client, limiter)
     local_health = getattr(providers.get("local"), "health", None)
     if local_health is not None:
         services.health_checks["local_models"] = local_health
@@ -122,6 +135,42 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             await auth.close()
         if secrets is not None:
             await secrets.close()
+        if admitter is not None:
+            await admitter.drain()
+        if redis_client is not None:
+            await redis_client.aclose()
+
+
+def _limiter(settings: Settings) -> tuple[redis.asyncio.Redis | None, GuardedLimiter | None]:
+    """The shared-state limiter (Redis behind the failure policy), when rate limiting is on."""
+    if not settings.ratelimit.enabled or not settings.redis.url:
+        return None, None
+    client = redis.asyncio.Redis.from_url(
+        settings.redis.url,
+        socket_connect_timeout=max(settings.redis.timeout, 0.5),
+        health_check_interval=30,
+    )
+    inner = RedisRateLimiter(
+        client,
+        lease_ttl_ms=int(settings.ratelimit.lease_ttl * 1000),
+        batch_headroom=settings.ratelimit.batch_headroom,
+    )
+    return client, GuardedLimiter(inner, settings.redis)
+
+
+def _redis_health(
+    client: redis.asyncio.Redis, limiter: GuardedLimiter
+) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def check() -> dict[str, Any]:
+        state = await limiter.health()
+        try:
+            async with asyncio.timeout(1.0):
+                await client.ping()
+        except (redis.exceptions.RedisError, TimeoutError, OSError) as exc:
+            return {**state, "status": "unavailable", "detail": type(exc).__name__}
+        return state
+
+    return check
 
 
 def _security_clients(settings: Settings) -> tuple[AuthClient | NoAuth, SecretsClient | None]:

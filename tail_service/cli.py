@@ -159,21 +159,29 @@ def up(
     """Start the whole stack on its embedded defaults: auth-service and secret-service as
     child processes with mutual TLS, and the HTTP service (local models when none are configured)."""
     from tail_service.logging import configure_logging
-    from tail_service.stack import prepare_state, start_children
+    from tail_service.redis_embedded import EmbeddedRedisError
+    from tail_service.stack import prepare_state, start_children, start_redis
 
     state = (state_dir or default_state_dir()).resolve()
     layout = prepare_state(state)
     settings = _load(config, host, port, state, overrides=layout.http_overrides())
     configure_logging(settings.log_level, json=settings.log_json)
     try:
+        redis_server = start_redis(layout)
+    except EmbeddedRedisError as exc:
+        typer.echo(f"tail-service: {exc}", err=True)
+        raise typer.Exit(1) from None
+    try:
         supervisor = start_children(layout, log_level=settings.log_level)
     except RuntimeError as exc:
+        redis_server.stop()
         typer.echo(f"tail-service: {exc}", err=True)
         raise typer.Exit(1) from None
     try:
         _run(settings, banner=True)
     finally:
         supervisor.stop()
+        redis_server.stop()
 
 
 @cli.command()

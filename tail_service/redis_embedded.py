@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -42,8 +43,12 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.socket}"
 
-    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        """Start the server and wait until it accepts connections."""
+    def start(self, timeout: float = 10.0, *, preexec: Callable[[], None] | None = None) -> EmbeddedRedis:
+        """Start the server and wait until it accepts connections.
+
+        ``preexec`` runs in the child before exec (``up`` uses it to tie the server's
+        life to its own).
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o700)
         self.socket.unlink(missing_ok=True)
@@ -58,7 +63,9 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--loglevel", "warning",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

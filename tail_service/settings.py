@@ -60,6 +60,10 @@ class ModelEntry(_Frozen):
     supports_dimensions: bool = False
     owned_by: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    #: limits of this model for each API key (0: none); all deployments of a name share them
+    rpm: int = Field(default=0, ge=0)
+    tpm: int = Field(default=0, ge=0)
+    max_concurrency: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> ModelEntry:
@@ -169,6 +173,33 @@ class SecretServiceSettings(_Frozen):
     admin_identities: tuple[str, ...] = ("admin",)
 
 
+class RedisSettings(_Frozen):
+    """Shared state of all replicas: rate limits and concurrency slots."""
+
+    #: ``redis://host:6379/0``, ``rediss://...`` or ``unix:///path``; ``up`` starts its own
+    url: str | None = None
+    #: seconds one admission may wait for Redis before the failure policy applies
+    timeout: float = Field(default=0.05, gt=0)
+    #: when Redis cannot answer: ``open`` admits without limits, ``closed`` answers 503
+    failure_mode: Literal["open", "closed"] = "open"
+    #: failures in a row that open the circuit breaker (Redis is then skipped)
+    breaker_failures: int = Field(default=3, ge=1)
+    #: seconds the breaker stays open before one trial call
+    breaker_reset: float = Field(default=5.0, gt=0)
+
+
+class RateLimitSettings(_Frozen):
+    """Admission control: per-key limits from auth-service, per-model limits from config."""
+
+    enabled: bool = True
+    #: tokens reserved for the answer when the request gives no max_tokens
+    default_max_tokens: int = Field(default=1024, ge=1)
+    #: seconds a concurrency slot survives a process that died holding it
+    lease_ttl: float = Field(default=600.0, gt=0)
+    #: share of each limit that batch traffic leaves free for interactive calls
+    batch_headroom: float = Field(default=0.1, ge=0, lt=1)
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment, frozen after load."""
 
@@ -180,6 +211,8 @@ class Settings(BaseSettings):
     local: LocalSettings = LocalSettings()
     auth: AuthSettings = AuthSettings()
     secrets: SecretsSettings = SecretsSettings()
+    redis: RedisSettings = RedisSettings()
+    ratelimit: RateLimitSettings = RateLimitSettings()
     auth_service: AuthServiceSettings = AuthServiceSettings()
     secret_service: SecretServiceSettings = SecretServiceSettings()
     models: tuple[ModelEntry, ...] = ()
@@ -329,6 +362,11 @@ def check_http_settings(settings: Settings) -> None:
         problems.append(f"  secrets.address: required because models.{uses_secrets[0]}.api_key_secret is set")
     if uses_secrets and settings.secrets.tls is None:
         problems.append("  secrets.tls: required (ca_file, cert_file, key_file): every hop uses mutual TLS")
+    if settings.ratelimit.enabled and not settings.redis.url:
+        problems.append(
+            "  redis.url: required for rate limiting (or set ratelimit.enabled: false); "
+            "`tail-service up` starts its own"
+        )
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(problems))
 

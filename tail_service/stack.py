@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from tail_service.certs import init_dev_pki
+from tail_service.redis_embedded import EmbeddedRedis
 from tail_service.rpc.tls import tls_from_dir
 
 log = logging.getLogger("tail_service.stack")
@@ -87,11 +88,16 @@ class StackLayout:
             },
         }
 
+    @property
+    def redis_dir(self) -> Path:
+        return self.state_dir / "redis"
+
     def http_overrides(self) -> dict[str, Any]:
         """Settings overrides that point the HTTP service at the child services."""
         return {
             "auth": {"mode": "grpc", "address": self.auth_address, "tls": self.tls("tail")},
             "secrets": {"address": self.secrets_address, "tls": self.tls("tail")},
+            "redis": {"url": f"unix://{self.redis_dir / 'redis.sock'}"},
         }
 
 
@@ -235,6 +241,12 @@ class Supervisor:
         self._stopping.set()
         for child in self.children:
             child.stop()
+
+
+def start_redis(layout: StackLayout) -> EmbeddedRedis:
+    """The bundled redis-server on a private unix socket in the state directory."""
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return EmbeddedRedis(layout.redis_dir).start(preexec=preexec)
 
 
 def start_children(layout: StackLayout, *, log_level: str) -> Supervisor:

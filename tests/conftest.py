@@ -141,6 +141,7 @@ def make_app(upstream_key: str) -> Iterator[Callable[..., RunningApp]]:
         kw.setdefault("server", {})
         kw["server"] = {"request_timeout": 20, "sse_keepalive": 0, **kw["server"]}
         kw.setdefault("auth", {"mode": "disabled"})
+        kw.setdefault("ratelimit", {"enabled": False})
         settings = load_settings(None, models=models, **kw)
         cm = serve_app(settings)
         app = cm.__enter__()

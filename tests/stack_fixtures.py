@@ -100,7 +100,7 @@ class Stack:
                 "refresh_interval": 0.3,
             },
             server={"request_timeout": 20, "sse_keepalive": 0},
-            **kw,
+            **{"ratelimit": {"enabled": False}, **kw},
         )
 
 

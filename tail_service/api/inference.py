@@ -34,7 +34,7 @@ async def _parse(
 async def _generate(request: Request, services: Services, req: ProxyRequest) -> Response | SSEResponse:
     if not req.stream:
         result = await race_disconnect(request.receive, services.inference.complete(req))
-        return json_response(result)
+        return json_response(result, headers=req.reply_headers)
     chunks: AsyncGenerator[dict[str, Any], None] = services.inference.stream(req)
     try:
         # The first chunk is awaited before any byte is sent, so failures up to here
@@ -46,7 +46,11 @@ async def _generate(request: Request, services: Services, req: ProxyRequest) -> 
         await chunks.aclose()
         raise
     return SSEResponse(
-        first, chunks, request_id=req.request_id, keepalive=services.settings.server.sse_keepalive
+        first,
+        chunks,
+        request_id=req.request_id,
+        keepalive=services.settings.server.sse_keepalive,
+        headers=req.reply_headers,
     )
 
 
@@ -66,4 +70,4 @@ async def embeddings(request: Request) -> Response:
     """``POST /v1/embeddings``: float or base64 vectors, in input order."""
     services, req = await _parse(request, EmbeddingRequest, Endpoint.EMBEDDING)
     result = await race_disconnect(request.receive, services.inference.embed(req))
-    return json_response(result)
+    return json_response(result, headers=req.reply_headers)

@@ -16,8 +16,10 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tail_service.core.admission import Admitter, Ticket
 from tail_service.core.auth import check_model_access
 from tail_service.core.proxy import ModelProxy
+from tail_service.core.tokens import TokenCounter
 from tail_service.core.types import Endpoint, ProxyRequest, TokenUsage
 from tail_service.errors import InvalidRequestError, ModelNotFoundError, UpstreamError
 
@@ -54,14 +56,6 @@ class UsageSink(Protocol):
     def record(self, rec: UsageRecord) -> None: ...
 
 
-class TokenCounter(Protocol):
-    """Exact offline token counts, used when an upstream does not report usage."""
-
-    def count_text(self, text: str, model: str) -> int: ...
-
-    def count_prompt(self, body: dict[str, Any], endpoint: str) -> int: ...
-
-
 def encode_base64(vector: list[float]) -> str:
     """OpenAI's base64 embedding: little-endian float32, standard padded base64."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
@@ -94,10 +88,29 @@ class _StreamState:
 class InferenceService:
     """The endpoints' logic. Stateless apart from its collaborators."""
 
-    def __init__(self, proxy: ModelProxy, counter: TokenCounter, usage: UsageSink) -> None:
+    def __init__(
+        self,
+        proxy: ModelProxy,
+        counter: TokenCounter,
+        usage: UsageSink,
+        admitter: Admitter | None = None,
+    ) -> None:
         self.proxy = proxy
         self._counter = counter
         self._usage = usage
+        self._admitter = admitter
+
+    async def _admit(self, req: ProxyRequest) -> Ticket | None:
+        """Access, model and rate-limit checks, before anything is sent upstream."""
+        check_model_access(req.principal, req.model)
+        self.proxy.router.deployments(req.model, req.endpoint)  # 404 / 400 before admission
+        if self._admitter is None:
+            return None
+        return await self._admitter.admit(req)
+
+    def _settle(self, ticket: Ticket | None, used_tokens: int) -> None:
+        if self._admitter is not None:
+            self._admitter.settle(ticket, used_tokens)
 
     def _estimate(self, req: ProxyRequest, completion_text: str) -> TokenUsage:
         prompt = self._counter.count_prompt(req.body, req.endpoint.value)
@@ -118,13 +131,15 @@ class InferenceService:
         )
 
     async def complete(self, req: ProxyRequest) -> dict[str, Any]:
-        """Non-streaming chat or legacy completion."""
-        check_model_access(req.principal, req.model)
+        """Non-streaming chat, legacy completion or embeddings."""
+        ticket = await self._admit(req)
         try:
             result, dep = await self.proxy.call(req)
         except (ModelNotFoundError, InvalidRequestError):
+            self._settle(ticket, 0)
             raise  # refused before any upstream call: nothing was used
         except BaseException as exc:
+            self._settle(ticket, 0)
             outcome = Outcome.ERROR if isinstance(exc, Exception) else Outcome.CANCELLED
             self._record(req, TokenUsage(), outcome, estimated=True, deployment=None)
             raise
@@ -135,6 +150,7 @@ class InferenceService:
             usage = self._estimate(req, _result_text(result))
             result["usage"] = usage.to_openai()
         self._record(req, usage, Outcome.OK, estimated=estimated, deployment=dep.id)
+        self._settle(ticket, usage.total_tokens)
         return result
 
     async def stream(self, req: ProxyRequest) -> AsyncGenerator[dict[str, Any], None]:
@@ -144,7 +160,7 @@ class InferenceService:
         the client asked (``include_usage``), and is synthesised from an offline count
         when the upstream sent none. A usage record is written however the stream ends.
         """
-        check_model_access(req.principal, req.model)
+        ticket = await self._admit(req)
         state = _StreamState()
         outcome: Outcome | None = Outcome.ERROR
         want_usage = req.include_usage
@@ -191,11 +207,15 @@ class InferenceService:
             raise
         finally:
             if outcome is not None:
-                self._finish_stream(req, state, outcome, started=last is not None)
+                used = self._finish_stream(req, state, outcome, started=last is not None)
+            else:
+                used = 0
+            self._settle(ticket, used)
 
     def _finish_stream(
         self, req: ProxyRequest, state: _StreamState, outcome: Outcome, *, started: bool
-    ) -> None:
+    ) -> int:
+        """Record the stream's usage; returns its total tokens (to settle the admission)."""
         usage = state.usage
         estimated = state.estimated
         if usage is None:
@@ -204,6 +224,7 @@ class InferenceService:
             usage = self._estimate(req, "".join(state.text)) if started else TokenUsage()
             estimated = True
         self._record(req, usage, outcome, estimated=estimated, deployment=None)
+        return usage.total_tokens
 
     async def embed(self, req: ProxyRequest) -> dict[str, Any]:
         """Embeddings, returned in input order in the encoding the client asked for."""

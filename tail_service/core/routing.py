@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from tail_service.core.ratelimit import Limits
 from tail_service.core.types import Deployment, Endpoint
 from tail_service.errors import InvalidRequestError, ModelNotFoundError
 
@@ -56,6 +57,14 @@ class ModelRouter:
     def models(self) -> list[tuple[str, str]]:
         """Public model ids with their ``owned_by``, in config order."""
         return [(name, deps[0].owned_by) for name, deps in self._by_model.items()]
+
+    def model_limits(self, model: str) -> Limits:
+        """The per-key limits configured for ``model`` (its first deployment's), or none."""
+        deps = self._by_model.get(model)
+        if not deps:
+            return Limits()
+        d = deps[0]
+        return Limits(d.rpm, d.tpm, d.max_concurrency)
 
     def has_model(self, model: str) -> bool:
         return model in self._by_model

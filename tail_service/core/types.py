@@ -62,6 +62,10 @@ class Deployment:
     headers: tuple[tuple[str, str], ...] = ()
     #: name of the credential, resolved by a ``CredentialSource`` per call
     credential: str | None = None
+    #: per-key limits on this model (0: none): requests/min, tokens/min, in flight
+    rpm: int = 0
+    tpm: int = 0
+    max_concurrency: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +108,8 @@ class ProxyRequest:
     #: headers to forward upstream (already filtered)
     forward_headers: tuple[tuple[str, str], ...] = ()
     principal: Principal = ANONYMOUS
+    #: headers for the response (rate-limit headers), filled in by the core
+    reply_headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,9 @@ def build_deployments(entries: Iterable[ModelEntry]) -> list[Deployment]:
                 supports_dimensions=e.supports_dimensions,
                 owned_by=e.owned_by or ("tail-service" if e.provider == "local" else e.provider),
                 headers=tuple(e.headers.items()),
+                rpm=e.rpm,
+                tpm=e.tpm,
+                max_concurrency=e.max_concurrency,
                 credential=(
                     f"env:{e.api_key_env}"
                     if e.api_key_env

@@ -30,7 +30,7 @@ def test_idle_stream_gets_keepalive_comments(
 
 
 def test_a_bug_is_a_500_envelope_with_the_request_id(upstream_key: str) -> None:
-    settings = load_settings(None, models=[], auth={"mode": "disabled"})
+    settings = load_settings(None, models=[], auth={"mode": "disabled"}, ratelimit={"enabled": False})
     app = create_app(settings)
 
     async def boom(request: object) -> None:

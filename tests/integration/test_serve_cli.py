@@ -68,6 +68,8 @@ models:
 log_level: info
 auth:
   mode: disabled
+ratelimit:
+  enabled: false
 """
     )
     return cfg

@@ -60,7 +60,8 @@ def test_up_answers_offline_from_local_models(tmp_path: Path) -> None:
     assert deps["auth_service"]["revocation_watch"] == "connected"
     assert out["cached_key_while_auth_down"] is True
     assert out["auth_restarted_after_s"] is not None, out["log_tail"]
-    assert len(out["children"]) == 2
+    assert len(out["children"]) == 3  # auth-service, secret-service, redis-server
+    assert deps["redis"]["status"] == "ok"
     assert out["children_left"] == []  # the children stop with the parent
     # SIGTERM: a graceful shutdown of the HTTP service and both children, exit status 0.
     assert out["exit_code"] == 0

@@ -1,0 +1,125 @@
+"""Admission of one request: build the limiter's question, ask once, turn a no into a 429.
+
+The tokens reserved up front are the prompt's exact count (offline tokenizer) plus the
+request's ``max_tokens`` / ``max_completion_tokens``, or ``default_max_tokens`` when it
+gives none (no client is forced to send one). After the answer, :meth:`Admitter.settle`
+replaces the reservation with the tokens actually used and releases the concurrency
+slot, in the background so the response is not held up; it runs exactly once per
+admitted request, however the request ended.
+
+A key with no limits and a model with none cost nothing here: no token count, no Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from tail_service.core.ratelimit import (
+    AdmissionRequest,
+    Limits,
+    Priority,
+    RateLimiter,
+    rate_limit_message,
+    ratelimit_headers,
+)
+from tail_service.core.routing import ModelRouter
+from tail_service.core.tokens import TokenCounter
+from tail_service.core.types import ProxyRequest
+from tail_service.errors import RateLimitError
+
+log = logging.getLogger("tail_service.admission")
+
+
+class TokenRateLimitError(RateLimitError):
+    """429 on tokens per minute (OpenAI's ``type: "tokens"``)."""
+
+    type = "tokens"
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request, to be settled once."""
+
+    request: AdmissionRequest
+    settled: bool = False
+
+
+class Admitter:
+    """Rate-limit admission for the inference endpoints."""
+
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        router: ModelRouter,
+        counter: TokenCounter,
+        *,
+        default_max_tokens: int,
+    ) -> None:
+        self._limiter = limiter
+        self._router = router
+        self._counter = counter
+        self._default_max_tokens = default_max_tokens
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def _reserve(self, req: ProxyRequest) -> int:
+        body = req.body
+        answer = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not isinstance(answer, int) or answer <= 0:
+            answer = 0 if req.endpoint.value == "embedding" else self._default_max_tokens
+        n = body.get("n")
+        choices = n if isinstance(n, int) and n > 0 else 1
+        return self._counter.count_prompt(body, req.endpoint.value) + answer * choices
+
+    async def admit(self, req: ProxyRequest, priority: Priority = Priority.INTERACTIVE) -> Ticket | None:
+        """Reserve capacity for ``req`` (429 when it has none); ``None`` when nothing limits it.
+
+        The rate-limit headers are put into ``req.reply_headers`` either way.
+        """
+        p = req.principal
+        key_limits = Limits(p.rpm, p.tpm, p.max_concurrency)
+        model_limits = self._router.model_limits(req.model)
+        if not (key_limits.any or model_limits.any):
+            return None
+        tokens = self._reserve(req) if (key_limits.tpm or model_limits.tpm) else 0
+        ask = AdmissionRequest(
+            subject=p.key_id,
+            request_id=req.request_id,
+            model=req.model,
+            tokens=tokens,
+            key_limits=key_limits,
+            model_limits=model_limits,
+            priority=priority,
+        )
+        answer = await self._limiter.admit(ask)
+        headers = ratelimit_headers(answer)
+        req.reply_headers.update(headers)
+        if not answer.allowed:
+            kind = TokenRateLimitError if answer.reason in ("tokens", "model_tokens") else RateLimitError
+            raise kind(
+                rate_limit_message(answer, ask),
+                retry_after=answer.retry_after_ms / 1000,
+                headers=headers,
+            )
+        return Ticket(ask)
+
+    def settle(self, ticket: Ticket | None, used_tokens: int | None) -> None:
+        """Settle in the background (exactly once per ticket)."""
+        if ticket is None or ticket.settled:
+            return
+        ticket.settled = True
+        task = asyncio.get_running_loop().create_task(self._settle(ticket.request, used_tokens))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle(self, ask: AdmissionRequest, used_tokens: int | None) -> None:
+        try:
+            await self._limiter.settle(ask, used_tokens=used_tokens)
+        except Exception:  # a slot that is not released here comes back by its lease TTL
+            log.exception("settling an admission failed")
+
+    async def drain(self) -> None:
+        """Wait for the settlements in flight (at shutdown)."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
