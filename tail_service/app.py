@@ -35,6 +35,7 @@ from tail_service.clients.admission import GuardedLimiter
 from tail_service.clients.auth import AuthClient, NoAuth
 from tail_service.clients.grpc_channel import ReloadingChannel
 from tail_service.clients.ratelimit_redis import RedisRateLimiter
+from tail_service.clients.response_cache import RedisResponseCache
 from tail_service.clients.secrets import SecretsClient
 from tail_service.core.admission import Admitter
 from tail_service.core.inference import InferenceService
@@ -94,7 +95,16 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     )
     services = Services(
         settings=settings,
-        inference=InferenceService(proxy, counter, MetricsUsageSink(metrics), admitter),
+        inference=InferenceService(
+            proxy,
+            counter,
+            MetricsUsageSink(metrics),
+            admitter,
+            cache=RedisResponseCache(redis_client, timeout=settings.redis.timeout)
+            if redis_client is not None
+            else None,
+            cache_ttl=settings.cache.ttl,
+        ),
         router=router,
         providers=providers,
         metrics=metrics,
@@ -111,7 +121,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     if secrets is not None:
         await secrets.start()
         services.health_checks["secret_service"] = secrets.health
-    if redis_client is not None and limiter is not None:
+    if redis_client is not None:
         services.health_checks["redis"] = _redis_health(redis_client, limiter)
     local_health = getattr(providers.get("local"), "health", None)
     if local_health is not None:
@@ -142,14 +152,16 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 def _limiter(settings: Settings) -> tuple[redis.asyncio.Redis | None, GuardedLimiter | None]:
-    """The shared-state limiter (Redis behind the failure policy), when rate limiting is on."""
-    if not settings.ratelimit.enabled or not settings.redis.url:
+    """The Redis client (when configured) and the limiter (when rate limiting is on)."""
+    if not settings.redis.url:
         return None, None
     client = redis.asyncio.Redis.from_url(
         settings.redis.url,
         socket_connect_timeout=max(settings.redis.timeout, 0.5),
         health_check_interval=30,
     )
+    if not settings.ratelimit.enabled:
+        return client, None
     inner = RedisRateLimiter(
         client,
         lease_ttl_ms=int(settings.ratelimit.lease_ttl * 1000),
@@ -159,10 +171,10 @@ def _limiter(settings: Settings) -> tuple[redis.asyncio.Redis | None, GuardedLim
 
 
 def _redis_health(
-    client: redis.asyncio.Redis, limiter: GuardedLimiter
+    client: redis.asyncio.Redis, limiter: GuardedLimiter | None
 ) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def check() -> dict[str, Any]:
-        state = await limiter.health()
+        state = await limiter.health() if limiter is not None else {"status": "ok"}
         try:
             async with asyncio.timeout(1.0):
                 await client.ping()

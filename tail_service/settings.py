@@ -200,6 +200,15 @@ class RateLimitSettings(_Frozen):
     batch_headroom: float = Field(default=0.1, ge=0, lt=1)
 
 
+class CacheSettings(_Frozen):
+    """The exact-match response cache (in Redis), opt-in per request: ``x-tail-cache``."""
+
+    #: seconds an answer is kept
+    ttl: float = Field(default=300.0, gt=0)
+    #: what requests without an ``x-tail-cache`` header do
+    default: Literal["use", "skip", "refresh"] = "skip"
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment, frozen after load."""
 
@@ -213,6 +222,7 @@ class Settings(BaseSettings):
     secrets: SecretsSettings = SecretsSettings()
     redis: RedisSettings = RedisSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
+    cache: CacheSettings = CacheSettings()
     auth_service: AuthServiceSettings = AuthServiceSettings()
     secret_service: SecretServiceSettings = SecretServiceSettings()
     models: tuple[ModelEntry, ...] = ()

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tail_service.core.types import ANONYMOUS, Endpoint, Principal, ProxyRequest
+from tail_service.errors import InvalidRequestError
 from tail_service.services import Services
 
 
@@ -37,8 +38,28 @@ def request_id(request: Request) -> str:
     return str(request.scope["state"]["request_id"])
 
 
+_CACHE_MODES = frozenset({"use", "skip", "refresh"})
+
+
+def cache_mode(request: Request, default: str) -> str:
+    """The ``x-tail-cache`` request header (``use``, ``skip`` or ``refresh``), else ``default``."""
+    for name, value in request.scope["headers"]:
+        if name == b"x-tail-cache":
+            mode: str = value.decode("latin-1").strip().lower()
+            if mode not in _CACHE_MODES:
+                raise InvalidRequestError(
+                    "The x-tail-cache header must be use, skip or refresh.", param="x-tail-cache"
+                )
+            return mode
+    return default
+
+
 def proxy_request(
-    endpoint: Endpoint, body: dict[str, Any], rid: str, principal: Principal = ANONYMOUS
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    rid: str,
+    principal: Principal = ANONYMOUS,
+    cache: str = "skip",
 ) -> ProxyRequest:
     """Wrap a validated body; the fields the proxy acts on are read once here."""
     opts = body.get("stream_options")
@@ -50,6 +71,7 @@ def proxy_request(
         include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
         request_id=rid,
         principal=principal,
+        cache_mode=cache,
     )
 
 

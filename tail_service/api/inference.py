@@ -10,7 +10,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tail_service.api.body import read_json
-from tail_service.api.deps import authenticate, get_services, json_response, proxy_request, request_id
+from tail_service.api.deps import (
+    authenticate,
+    cache_mode,
+    get_services,
+    json_response,
+    proxy_request,
+    request_id,
+)
 from tail_service.api.sse import SSEResponse, race_disconnect
 from tail_service.core.types import Endpoint, ProxyRequest
 from tail_service.errors import UpstreamError
@@ -28,7 +35,8 @@ async def _parse(
     principal = await authenticate(request, services)
     body = await read_json(request, services.settings.server.max_body_bytes)
     validate_body(schema, body)
-    return services, proxy_request(endpoint, body, request_id(request), principal)
+    mode = cache_mode(request, services.settings.cache.default)
+    return services, proxy_request(endpoint, body, request_id(request), principal, mode)
 
 
 async def _generate(request: Request, services: Services, req: ProxyRequest) -> Response | SSEResponse:

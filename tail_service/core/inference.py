@@ -8,6 +8,7 @@ client did not ask for it, and one usage record per request, whatever the outcom
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import enum
 import logging
@@ -18,6 +19,14 @@ from typing import Any, Protocol
 
 from tail_service.core.admission import Admitter, Ticket
 from tail_service.core.auth import check_model_access
+from tail_service.core.cache import (
+    CacheMode,
+    ChatAccumulator,
+    ResponseCache,
+    cache_key,
+    cacheable,
+    replay_chat,
+)
 from tail_service.core.proxy import ModelProxy
 from tail_service.core.tokens import TokenCounter
 from tail_service.core.types import Endpoint, ProxyRequest, TokenUsage
@@ -94,11 +103,34 @@ class InferenceService:
         counter: TokenCounter,
         usage: UsageSink,
         admitter: Admitter | None = None,
+        cache: ResponseCache | None = None,
+        cache_ttl: float = 300.0,
     ) -> None:
         self.proxy = proxy
         self._counter = counter
         self._usage = usage
         self._admitter = admitter
+        self._cache = cache
+        self._cache_ttl = cache_ttl
+        self._stores: set[asyncio.Task[None]] = set()
+
+    async def _cached(self, req: ProxyRequest) -> tuple[str | None, dict[str, Any] | None]:
+        """``(key to store under, cached answer)`` for this request's cache mode."""
+        if self._cache is None or req.cache_mode == CacheMode.SKIP or not cacheable(req):
+            return None, None
+        key = cache_key(req)
+        hit = await self._cache.get(key) if req.cache_mode == CacheMode.USE else None
+        req.reply_headers["x-tail-cache"] = "hit" if hit is not None else "miss"
+        if hit is not None:
+            hit["model"] = req.model
+        return key, hit
+
+    def _store(self, key: str | None, value: dict[str, Any] | None) -> None:
+        if key is None or value is None or self._cache is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._cache.set(key, value, self._cache_ttl))
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
 
     async def _admit(self, req: ProxyRequest) -> Ticket | None:
         """Access, model and rate-limit checks, before anything is sent upstream."""
@@ -133,6 +165,12 @@ class InferenceService:
     async def complete(self, req: ProxyRequest) -> dict[str, Any]:
         """Non-streaming chat, legacy completion or embeddings."""
         ticket = await self._admit(req)
+        cache_key_, hit = await self._cached(req)
+        if hit is not None:
+            # A hit counts toward requests per minute, not toward upstream tokens.
+            self._settle(ticket, 0)
+            self._record(req, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")
+            return hit
         try:
             result, dep = await self.proxy.call(req)
         except (ModelNotFoundError, InvalidRequestError):
@@ -151,6 +189,7 @@ class InferenceService:
             result["usage"] = usage.to_openai()
         self._record(req, usage, Outcome.OK, estimated=estimated, deployment=dep.id)
         self._settle(ticket, usage.total_tokens)
+        self._store(cache_key_, result)
         return result
 
     async def stream(self, req: ProxyRequest) -> AsyncGenerator[dict[str, Any], None]:
@@ -161,6 +200,14 @@ class InferenceService:
         when the upstream sent none. A usage record is written however the stream ends.
         """
         ticket = await self._admit(req)
+        cache_key_, hit = await self._cached(req)
+        if hit is not None:
+            self._settle(ticket, 0)
+            self._record(req, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")
+            for chunk in replay_chat(hit, include_usage=req.include_usage):
+                yield chunk
+            return
+        acc = ChatAccumulator() if cache_key_ is not None else None
         state = _StreamState()
         outcome: Outcome | None = Outcome.ERROR
         want_usage = req.include_usage
@@ -169,6 +216,8 @@ class InferenceService:
             async for chunk in self.proxy.stream(req):
                 chunk["model"] = req.model
                 last = chunk
+                if acc is not None:
+                    acc.feed(chunk)
                 if (u := chunk.get("usage")) is not None:
                     state.usage = TokenUsage.from_openai(u)
                     if not want_usage:
@@ -195,6 +244,10 @@ class InferenceService:
                     "usage": state.usage.to_openai(),
                 }
             outcome = Outcome.OK
+            if acc is not None and (complete := acc.result()) is not None:
+                if "usage" not in complete and state.usage is not None:
+                    complete["usage"] = state.usage.to_openai()
+                self._store(cache_key_, complete)
         except (ModelNotFoundError, InvalidRequestError):
             outcome = None  # refused before any upstream call: nothing to record
             raise

@@ -110,6 +110,8 @@ class ProxyRequest:
     principal: Principal = ANONYMOUS
     #: headers for the response (rate-limit headers), filled in by the core
     reply_headers: dict[str, str] = field(default_factory=dict)
+    #: ``x-tail-cache``: ``use``, ``skip`` or ``refresh`` (see :mod:`tail_service.core.cache`)
+    cache_mode: str = "skip"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,99 @@
+"""The exact-match response cache: hit, miss, refresh, tenant isolation, SSE replay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import openai
+import pytest
+import redis
+
+from tail_service.core.cache import cache_key
+from tail_service.core.types import Endpoint, Principal, ProxyRequest
+from tail_service.redis_embedded import EmbeddedRedis
+from tests.conftest import RunningApp, model_entry
+from tests.fakes.openai_upstream import FakeOpenAI
+
+MSG = [{"role": "user", "content": "cache me please"}]
+
+
+@pytest.fixture
+def cached_app(
+    make_app: Callable[..., RunningApp], upstream: FakeOpenAI, redis_server: EmbeddedRedis
+) -> RunningApp:
+    redis.Redis.from_url(redis_server.url()).flushdb()
+    return make_app([model_entry("gpt-test", upstream)], redis={"url": redis_server.url()})
+
+
+def ask(app: RunningApp, mode: str | None, **kw: object) -> tuple[str, str | None, object]:
+    headers = {"x-tail-cache": mode} if mode else {}
+    raw = app.client().chat.completions.with_raw_response.create(
+        model="gpt-test",
+        messages=MSG,
+        extra_headers=headers,
+        **kw,  # type: ignore[arg-type]
+    )
+    r = raw.parse()
+    return r.choices[0].message.content or "", raw.headers.get("x-tail-cache"), r
+
+
+def test_miss_then_hit_then_refresh_and_skip(cached_app: RunningApp, upstream: FakeOpenAI) -> None:
+    first, state1, _ = ask(cached_app, "use")
+    assert state1 == "miss"
+    calls = len(upstream.requests)
+    second, state2, r2 = ask(cached_app, "use")
+    assert (state2, second) == ("hit", first)
+    assert len(upstream.requests) == calls  # served without the upstream
+    assert r2.model == "gpt-test"  # type: ignore[attr-defined]
+    _, state3, _ = ask(cached_app, "refresh")
+    assert state3 == "miss" and len(upstream.requests) == calls + 1
+    _, state4, _ = ask(cached_app, None)  # default: skip
+    assert state4 is None and len(upstream.requests) == calls + 2
+    # a different request is a different entry
+    other = cached_app.client().chat.completions.with_raw_response.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "another"}],
+        extra_headers={"x-tail-cache": "use"},
+    )
+    assert other.headers.get("x-tail-cache") == "miss"
+
+
+def test_stream_replays_a_hit_as_sse(cached_app: RunningApp, upstream: FakeOpenAI) -> None:
+    client = cached_app.client()
+    with client.chat.completions.stream(
+        model="gpt-test", messages=MSG, extra_headers={"x-tail-cache": "use"}
+    ) as s:
+        fresh = s.get_final_completion()
+    calls = len(upstream.requests)
+    with client.chat.completions.stream(
+        model="gpt-test",
+        messages=MSG,
+        extra_headers={"x-tail-cache": "use"},
+        stream_options={"include_usage": True},
+    ) as s:
+        replayed = s.get_final_completion()
+    assert len(upstream.requests) == calls
+    assert replayed.choices[0].message.role == "assistant"
+    assert replayed.choices[0].message.content == fresh.choices[0].message.content
+    assert replayed.choices[0].finish_reason == "stop"
+    assert replayed.usage is not None and replayed.usage.total_tokens > 0
+    # the non-streamed form of the same request hits the entry the stream stored
+    _, state, _ = ask(cached_app, "use")
+    assert state == "hit"
+
+
+def test_bad_header_is_a_400(cached_app: RunningApp) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(cached_app, "sometimes")
+    assert info.value.param == "x-tail-cache"
+
+
+def test_tenants_never_share_entries() -> None:
+    body = {"model": "m", "messages": MSG}
+    a = ProxyRequest(Endpoint.CHAT, "m", body, principal=Principal("k1", "tenant-a"))
+    b = ProxyRequest(Endpoint.CHAT, "m", body, principal=Principal("k2", "tenant-b"))
+    a2 = ProxyRequest(
+        Endpoint.CHAT, "m", {**body, "stream": True, "user": "u"}, principal=Principal("k3", "tenant-a")
+    )
+    assert cache_key(a) != cache_key(b)
+    assert cache_key(a) == cache_key(a2)  # stream and user do not change the answer
