@@ -88,6 +88,7 @@ class KeysAdmin:
         tpm: int,
         max_concurrency: int,
         expires_at: int,
+        response_cache: bool = False,
     ) -> auth_pb2.CreateKeyResponse:
         req = auth_pb2.CreateKeyRequest(
             name=name,
@@ -95,6 +96,7 @@ class KeysAdmin:
             allowed_models=models,
             limits=auth_pb2.Limits(rpm=rpm, tpm=tpm, max_concurrency=max_concurrency),
             expires_at=expires_at,
+            response_cache=response_cache,
         )
         resp: auth_pb2.CreateKeyResponse = _call(self._stub.CreateKey, req)  # type: ignore[assignment]
         return resp

@@ -140,6 +140,9 @@ def keys_create(
     tpm: Annotated[int, typer.Option(help="tokens per minute (0: no limit)")] = 0,
     max_concurrency: Annotated[int, typer.Option(help="requests in flight (0: no limit)")] = 0,
     expires_in: Annotated[int, typer.Option(help="seconds until it expires (0: never)")] = 0,
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="use the response cache by default")
+    ] = False,
     state_dir: StateOpt = None,
     auth_address: AuthAddrOpt = None,
     tls_dir: TlsDirOpt = None,
@@ -155,6 +158,7 @@ def keys_create(
             tpm=tpm,
             max_concurrency=max_concurrency,
             expires_at=expires_at,
+            response_cache=cache,
         )
     typer.echo(f"created key {resp.key.id} ({resp.key.prefix}...) for tenant {resp.key.tenant}", err=True)
     typer.echo("store it now: it is shown only once", err=True)
@@ -172,11 +176,12 @@ def keys_list(
     """List keys (display prefixes only; keys are never stored)."""
     with _keys(state_dir, auth_address, tls_dir) as admin:
         keys = admin.list(tenant=tenant, include_revoked=all_keys)
-    typer.echo("id\tprefix\tname\ttenant\tmodels\trpm\ttpm\tmax_concurrency\texpires_at\trevoked")
+    typer.echo("id\tprefix\tname\ttenant\tmodels\trpm\ttpm\tmax_concurrency\texpires_at\trevoked\tcache")
     for k in keys:
         typer.echo(
             f"{k.id}\t{k.prefix}\t{k.name}\t{k.tenant}\t{','.join(k.allowed_models) or '*'}\t"
-            f"{k.limits.rpm}\t{k.limits.tpm}\t{k.limits.max_concurrency}\t{k.expires_at}\t{k.revoked}"
+            f"{k.limits.rpm}\t{k.limits.tpm}\t{k.limits.max_concurrency}\t{k.expires_at}\t{k.revoked}\t"
+            f"{k.response_cache}"
         )
 
 
@@ -201,6 +206,9 @@ def keys_update(
     max_concurrency: Annotated[int | None, typer.Option(help="requests in flight (0: no limit)")] = None,
     name: Annotated[str | None, typer.Option(help="a new label")] = None,
     models: Annotated[str | None, typer.Option(help="comma-separated models ('' for all)")] = None,
+    cache: Annotated[
+        bool | None, typer.Option("--cache/--no-cache", help="use the response cache by default")
+    ] = None,
     state_dir: StateOpt = None,
     auth_address: AuthAddrOpt = None,
     tls_dir: TlsDirOpt = None,
@@ -220,6 +228,8 @@ def keys_update(
     if models is not None:
         req.set_allowed_models = True
         req.allowed_models.extend(_models(models))
+    if cache is not None:
+        req.response_cache = cache
     with _keys(state_dir, auth_address, tls_dir) as admin:
         info = admin.update(req)
     typer.echo(

@@ -35,7 +35,7 @@ async def _parse(
     principal = await authenticate(request, services)
     body = await read_json(request, services.settings.server.max_body_bytes)
     validate_body(schema, body)
-    mode = cache_mode(request, services.settings.cache.default)
+    mode = cache_mode(request, "use" if principal.response_cache else services.settings.cache.default)
     return services, proxy_request(endpoint, body, request_id(request), principal, mode)
 
 

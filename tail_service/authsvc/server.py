@@ -52,7 +52,7 @@ log = logging.getLogger("tail_service.authsvc")
 Ctx = grpc.ServicerContext
 _M = TypeVar("_M", auth_pb2.KeyInfo, auth_pb2.Principal)
 
-_OPTIONAL_FIELDS = ("name", "rpm", "tpm", "max_concurrency", "expires_at")
+_OPTIONAL_FIELDS = ("name", "rpm", "tpm", "max_concurrency", "expires_at", "response_cache")
 _KINDS = {"revoked": auth_pb2.KeyEvent.REVOKED, "updated": auth_pb2.KeyEvent.UPDATED}
 
 
@@ -234,6 +234,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 tpm=request.limits.tpm,
                 max_concurrency=request.limits.max_concurrency,
                 expires_at=request.expires_at,
+                response_cache=request.response_cache,
             )
         log.info("key created", extra={"key_id": info.id, "tenant": info.tenant, "by": who})
         return auth_pb2.CreateKeyResponse(key=_pb(auth_pb2.KeyInfo, info), api_key=api_key)

@@ -34,8 +34,9 @@ MAX_LIMIT = 2**53  # limits stay exact in JSON and in every client language
 MAX_EXPIRES = 253_402_300_799  # 9999-12-31: larger values are milliseconds by mistake
 
 
-def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
-    """The version-1 schema. A later migration must snapshot this before changing it."""
+def _tables(metadata: sa.MetaData, *, version: int = 2) -> tuple[sa.Table, sa.Table]:
+    """The schema as of ``version`` (1: as first shipped; 2: adds ``response_cache``)."""
+    extra = [sa.Column("response_cache", sa.Boolean, nullable=False, server_default=sa.false())]
     api_keys = sa.Table(
         "api_keys",
         metadata,
@@ -52,6 +53,7 @@ def _tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
         sa.Column("revoked", sa.Boolean, nullable=False),
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("updated_at", sa.BigInteger, nullable=False),
+        *(extra if version >= 2 else []),
         sa.Index("ix_api_keys_key_hash", "key_hash", unique=True),
         sa.Index("ix_api_keys_tenant", "tenant"),
     )
@@ -74,11 +76,15 @@ API_KEYS, KEY_EVENTS = _tables(sa.MetaData())
 
 def _v1(conn: Connection) -> None:
     metadata = sa.MetaData()
-    _tables(metadata)
+    _tables(metadata, version=1)
     metadata.create_all(conn)
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1,)
+def _v2(conn: Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN response_cache BOOLEAN NOT NULL DEFAULT FALSE"))
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1, _v2)
 
 
 class KeyStoreError(Exception):
@@ -109,6 +115,7 @@ class KeyInfo:
     prefix: str
     created_at: int
     updated_at: int
+    response_cache: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +130,7 @@ class Principal:
     tpm: int
     max_concurrency: int
     expires_at: int
+    response_cache: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +177,12 @@ def _info(row: sa.Row[Any]) -> KeyInfo:
     m = dict(row._mapping)
     m.pop("key_hash", None)
     return KeyInfo(
-        **m | {"allowed_models": tuple(json.loads(m["allowed_models"])), "revoked": bool(m["revoked"])}
+        **m
+        | {
+            "allowed_models": tuple(json.loads(m["allowed_models"])),
+            "revoked": bool(m["revoked"]),
+            "response_cache": bool(m["response_cache"]),
+        }
     )
 
 
@@ -214,6 +227,7 @@ class KeyStore:
         tpm: int = 0,
         max_concurrency: int = 0,
         expires_at: int = 0,
+        response_cache: bool = False,
     ) -> tuple[KeyInfo, str]:
         """Create a key; returns its info and the plaintext, which exists nowhere else afterwards.
 
@@ -237,6 +251,7 @@ class KeyStore:
             "max_concurrency": _limit("max_concurrency", max_concurrency),
             "expires_at": expires,
             "revoked": False,
+            "response_cache": bool(response_cache),
             "created_at": now,
             "updated_at": now,
         }
@@ -303,6 +318,7 @@ class KeyStore:
         max_concurrency: int | None = None,
         expires_at: int | None = None,
         allowed_models: Sequence[str] | None = None,
+        response_cache: bool | None = None,
     ) -> KeyInfo:
         """Change the given fields (``None``: keep) and record an ``updated`` event.
 
@@ -319,6 +335,8 @@ class KeyStore:
             values["expires_at"] = _expires(expires_at)
         if allowed_models is not None:
             values["allowed_models"] = json.dumps(list(_models(allowed_models)))
+        if response_cache is not None:
+            values["response_cache"] = bool(response_cache)
         if not values:
             return self.get(key_id)
         with self._engine.begin() as conn:

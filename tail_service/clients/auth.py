@@ -74,6 +74,7 @@ def principal_from_proto(p: auth_pb2.Principal) -> Principal:
         tpm=p.limits.tpm,
         max_concurrency=p.limits.max_concurrency,
         expires_at=p.expires_at,
+        response_cache=p.response_cache,
     )
 
 

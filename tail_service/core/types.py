@@ -83,6 +83,8 @@ class Principal:
     max_concurrency: int = 0
     #: unix seconds; 0 means never
     expires_at: int = 0
+    #: the key's requests use the response cache unless they say ``x-tail-cache: skip``
+    response_cache: bool = False
 
     def allows(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models

@@ -10,9 +10,11 @@ import redis
 
 from tail_service.core.cache import cache_key
 from tail_service.core.types import Endpoint, Principal, ProxyRequest
+from tail_service.proto import auth_pb2
 from tail_service.redis_embedded import EmbeddedRedis
-from tests.conftest import RunningApp, model_entry
+from tests.conftest import RunningApp, model_entry, serve_app
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.stack_fixtures import Stack
 
 MSG = [{"role": "user", "content": "cache me please"}]
 
@@ -97,3 +99,32 @@ def test_tenants_never_share_entries() -> None:
     )
     assert cache_key(a) != cache_key(b)
     assert cache_key(a) == cache_key(a2)  # stream and user do not change the answer
+
+
+def test_key_policy_and_tenant_isolation_end_to_end(
+    stack: Stack, upstream: FakeOpenAI, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys with the cache policy use it by default; tenant B never gets tenant A's entry."""
+    redis.Redis.from_url(redis_server.url()).flushdb()
+    monkeypatch.setenv("CACHE_UPSTREAM_KEY", "sk-up-a")
+    model = {"name": "gpt-test", "provider": "openai", "base_url": upstream.base_url,
+             "api_key_env": "CACHE_UPSTREAM_KEY"}  # fmt: skip
+    settings = stack.gateway_settings([model], redis={"url": redis_server.url()})
+    admin = stack.admin_auth()
+    key_a = admin.CreateKey(
+        auth_pb2.CreateKeyRequest(name="a", tenant="tenant-a", response_cache=True), timeout=5
+    ).api_key
+    key_b = admin.CreateKey(
+        auth_pb2.CreateKeyRequest(name="b", tenant="tenant-b", response_cache=True), timeout=5
+    ).api_key
+    with serve_app(settings) as app:
+
+        def call(key: str) -> str | None:
+            client = openai.OpenAI(base_url=app.v1, api_key=key, max_retries=0)
+            raw = client.chat.completions.with_raw_response.create(model="gpt-test", messages=MSG)
+            return raw.headers.get("x-tail-cache")
+
+        assert call(key_a) == "miss"
+        assert call(key_a) == "hit"  # the key's policy: no header needed
+        assert call(key_b) == "miss"  # same request, other tenant: never A's entry
+        assert call(key_b) == "hit"

@@ -170,8 +170,8 @@ def clock() -> Clock:
 def store(tmp_path: Path, clock: Clock) -> Iterator[KeyStore]:
     engine = make_engine(f"sqlite:///{tmp_path / 'keys.db'}")
     s = KeyStore(engine, PEPPER, clock=clock)
-    assert s.migrate() == 1
-    assert s.migrate() == 1  # idempotent
+    assert s.migrate() == 2
+    assert s.migrate() == 2  # idempotent
     yield s
     engine.dispose()
 
@@ -325,3 +325,29 @@ def test_hub_fans_out_drops_slow_watchers_and_ends_streams_on_stop() -> None:
     assert fast.reason == late.reason == "stopping"
     with pytest.raises(Exception, match="shutting down"):
         hub.subscribe()
+
+
+def test_upgrade_from_schema_v1_keeps_keys(tmp_path: Path, clock: Clock) -> None:
+    """A database made by the first release migrates to v2 (response_cache) with its keys intact."""
+    from tail_service.authsvc import store as store_mod
+    from tail_service.db import migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    assert migrate(engine, "auth", store_mod.MIGRATIONS[:1]) == 1
+    api_key = "sk-tail-" + "A" * 43
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO api_keys (id, key_hash, prefix, name, tenant, allowed_models, rpm, tpm, "
+                "max_concurrency, expires_at, revoked, created_at, updated_at) VALUES "
+                "('key_old', :h, 'sk-tail-AAAA', 'old', 'acme', '[]', 5, 0, 0, 0, 0, 1, 1)"
+            ),
+            {"h": PEPPER.hash_key(api_key)},
+        )
+    s = KeyStore(engine, PEPPER, clock=clock)
+    assert s.migrate() == 2
+    principal = s.verify(api_key)
+    assert principal is not None and principal.key_id == "key_old" and principal.rpm == 5
+    assert principal.response_cache is False
+    assert s.update("key_old", response_cache=True).response_cache is True
+    engine.dispose()
