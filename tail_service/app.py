@@ -77,6 +77,8 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     # ~45 MB) off the event loop, in the background, so start-up is not held up. The
     # local models count their own tokens exactly and need none.
     encodings = {counter.encoding_name_for(d.upstream_model) for d in deployments if d.provider != "local"}
+    # Awaited before the service reports ready: a request that needs a count while a
+    # table is being built would wait on the tokenizer's lock, holding up the event loop.
     warm = asyncio.create_task(asyncio.to_thread(lambda: [counter.encoding(n) for n in sorted(encodings)]))
     metrics = Metrics()
     auth, secrets = _security_clients(settings)
@@ -131,6 +133,9 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         for dep in deployments:
             if dep.provider == "local":
                 await local.warm(dep.upstream_model)
+    await warm
+    if limiter is not None:
+        await limiter.prepare()
     app.state.services = services
     log.info("tail-service ready", extra={"models": len(router.models())})
     try:
@@ -147,6 +152,8 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             await secrets.close()
         if admitter is not None:
             await admitter.drain()
+        if limiter is not None:
+            await limiter.close()
         if redis_client is not None:
             await redis_client.aclose()
 
