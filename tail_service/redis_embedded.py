@@ -18,6 +18,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM ``proc`` and wait ``grace`` seconds for it, then SIGKILL it."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class EmbeddedRedisError(RuntimeError):
     """The bundled redis-server is missing or did not come up."""
 
@@ -94,13 +106,7 @@ class EmbeddedRedis:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, grace)
         if proc.stderr is not None:
             proc.stderr.close()
         self.proc = None

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from tail_service.certs import init_dev_pki
-from tail_service.redis_embedded import EmbeddedRedis
+from tail_service.redis_embedded import EmbeddedRedis, terminate
 from tail_service.rpc.tls import tls_from_dir
 
 log = logging.getLogger("tail_service.stack")
@@ -188,15 +188,8 @@ class Child:
             sys.stderr.flush()
 
     def stop(self, grace: float = 10.0) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, grace)
 
 
 class Supervisor:
