@@ -35,6 +35,7 @@ from tail_service.clients.admission import GuardedLimiter
 from tail_service.clients.auth import AuthClient, NoAuth
 from tail_service.clients.grpc_channel import ReloadingChannel
 from tail_service.clients.ratelimit_redis import RedisRateLimiter
+from tail_service.clients.redis_pipe import PipelinedRedis
 from tail_service.clients.response_cache import RedisResponseCache
 from tail_service.clients.secrets import SecretsClient
 from tail_service.core.admission import Admitter
@@ -170,7 +171,7 @@ def _limiter(settings: Settings) -> tuple[redis.asyncio.Redis | None, GuardedLim
     if not settings.ratelimit.enabled:
         return client, None
     inner = RedisRateLimiter(
-        client,
+        PipelinedRedis(settings.redis.url, connect_timeout=max(settings.redis.timeout, 0.5)),
         lease_ttl_ms=int(settings.ratelimit.lease_ttl * 1000),
         batch_headroom=settings.ratelimit.batch_headroom,
     )

@@ -20,7 +20,7 @@ from tail_service.api.deps import (
 )
 from tail_service.api.sse import SSEResponse, race_disconnect
 from tail_service.core.types import Endpoint, ProxyRequest
-from tail_service.errors import UpstreamError
+from tail_service.errors import TailError, UpstreamError
 from tail_service.schemas.chat import ChatCompletionRequest
 from tail_service.schemas.common import validate_body
 from tail_service.schemas.completions import CompletionRequest
@@ -40,6 +40,20 @@ async def _parse(
 
 
 async def _generate(request: Request, services: Services, req: ProxyRequest) -> Response | SSEResponse:
+    try:
+        return await _generate_inner(request, services, req)
+    except TailError as exc:
+        _carry_reply_headers(exc, req)
+        raise
+
+
+def _carry_reply_headers(exc: TailError, req: ProxyRequest) -> None:
+    """An error after admission still carries the rate-limit headers, as OpenAI's do."""
+    if req.reply_headers:
+        exc.headers = {**req.reply_headers, **exc.headers}
+
+
+async def _generate_inner(request: Request, services: Services, req: ProxyRequest) -> Response | SSEResponse:
     if not req.stream:
         result = await race_disconnect(request.receive, services.inference.complete(req))
         return json_response(result, headers=req.reply_headers)
@@ -77,5 +91,9 @@ async def completions(request: Request) -> Response | SSEResponse:
 async def embeddings(request: Request) -> Response:
     """``POST /v1/embeddings``: float or base64 vectors, in input order."""
     services, req = await _parse(request, EmbeddingRequest, Endpoint.EMBEDDING)
-    result = await race_disconnect(request.receive, services.inference.embed(req))
+    try:
+        result = await race_disconnect(request.receive, services.inference.embed(req))
+    except TailError as exc:
+        _carry_reply_headers(exc, req)
+        raise
     return json_response(result, headers=req.reply_headers)

@@ -17,11 +17,14 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from tail_service.core.ratelimit import UNLIMITED, Admission, AdmissionRequest, RateLimiter
+from tail_service.clients.ratelimit_redis import RedisRateLimiter
+from tail_service.core.ratelimit import UNLIMITED, Admission, AdmissionRequest
 from tail_service.errors import ServiceUnavailableError
 from tail_service.settings import RedisSettings
 
 log = logging.getLogger("tail_service.clients.admission")
+
+_REDIS_ERRORS = (RedisError, TimeoutError, OSError)
 
 
 class GuardedLimiter:
@@ -29,7 +32,7 @@ class GuardedLimiter:
 
     def __init__(
         self,
-        inner: RateLimiter,
+        inner: RedisRateLimiter,
         settings: RedisSettings,
         *,
         monotonic: Callable[[], float] = time.monotonic,
@@ -48,9 +51,11 @@ class GuardedLimiter:
 
     def _failed(self, exc: BaseException) -> None:
         self._fails += 1
-        if self._fails >= self._settings.breaker_failures:
+        if self._fails >= self._settings.breaker_failures and not self.breaker_open:
             self._open_until = self._monotonic() + self._settings.breaker_reset
             log.error("redis unavailable; circuit breaker open", extra={"error": type(exc).__name__})
+            # a hung connection must not hold the trial call later: start afresh then
+            self._inner.reset()
 
     def _degraded(self) -> Admission:
         self.degraded_admissions += 1
@@ -70,7 +75,7 @@ class GuardedLimiter:
         try:
             async with asyncio.timeout(self._settings.timeout):
                 admission = await self._inner.admit(req)
-        except (RedisError, TimeoutError, OSError) as exc:
+        except _REDIS_ERRORS as exc:
             self._failed(exc)
             # The script may still run once Redis catches up and take a slot for a
             # request we did not count as admitted: give it back, in the background.
@@ -79,17 +84,20 @@ class GuardedLimiter:
         self._fails = 0
         return admission
 
-    async def settle(self, req: AdmissionRequest, *, used_tokens: int | None) -> None:
-        """Settle now, or, if Redis cannot take it, keep retrying in the background."""
+    def settle_later(self, req: AdmissionRequest, *, used_tokens: int | None) -> None:
+        """Settle with the limiter's next write; if Redis cannot take it, retry in the background."""
         if not req.limited:
             return
-        if not self.breaker_open:
-            try:
-                async with asyncio.timeout(max(self._settings.timeout, 1.0)):
-                    await self._inner.settle(req, used_tokens=used_tokens)
-                return
-            except (RedisError, TimeoutError, OSError) as exc:
-                self._failed(exc)
+        if self.breaker_open:
+            self._release_later(req, used_tokens)
+            return
+        self._inner.settle_later(req, used_tokens=used_tokens, on_error=self._settle_failed)
+
+    def _settle_failed(self, req: AdmissionRequest, used_tokens: int | None, exc: BaseException) -> None:
+        if isinstance(exc, _REDIS_ERRORS):
+            self._failed(exc)
+        else:
+            log.error("settling an admission failed", extra={"error": type(exc).__name__})
         self._release_later(req, used_tokens)
 
     def _release_later(self, req: AdmissionRequest, used_tokens: int | None) -> None:
@@ -110,27 +118,35 @@ class GuardedLimiter:
             try:
                 async with asyncio.timeout(1.0):
                     await self._inner.settle(req, used_tokens=used_tokens)
-            except (RedisError, TimeoutError, OSError):
+            except _REDIS_ERRORS:
                 delay = min(delay * 2, 10.0)
                 continue
             if confirmed:
                 return
             confirmed, delay = True, 2.0
 
+    async def drain(self) -> None:
+        """Wait (at most 2 s) for the settlements already sent to be answered."""
+        if self.breaker_open:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                await self._inner.drain()
+        except _REDIS_ERRORS as exc:
+            log.warning("settlements not confirmed at shutdown: %s", type(exc).__name__)
+
     async def close(self) -> None:
         """Stop the background releases (their slots fall back to the lease TTL)."""
         for task in list(self._releases):
             task.cancel()
+        await self._inner.close()
 
     async def prepare(self) -> None:
         """Connect and load the scripts before the first request (best effort, 2 s)."""
-        prepare = getattr(self._inner, "prepare", None)
-        if prepare is None:
-            return
         try:
             async with asyncio.timeout(2.0):
-                await prepare()
-        except (RedisError, TimeoutError, OSError) as exc:
+                await self._inner.prepare()
+        except _REDIS_ERRORS as exc:
             log.warning("redis not reachable at start-up: %s", type(exc).__name__)
 
     async def health(self) -> dict[str, Any]:

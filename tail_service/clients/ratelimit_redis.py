@@ -1,21 +1,21 @@
 """The shared rate limiter: exact sliding-window logs in Redis, one script call per admission.
 
-Every replica of the gateway talks to the same Redis (or Redis Cluster). :meth:`admit`
-is one ``EVALSHA`` of ``lua/admit_v1.lua``, which reads the server clock (``TIME``,
+Every replica of the gateway talks to the same Redis. :meth:`RedisRateLimiter.admit` is
+one ``EVALSHA`` of ``lua/admit_v2.lua``, which reads the server clock (``TIME``,
 millisecond precision; the clients' clocks are never used), drops entries older than
-60 s, checks every applicable limit and, only if all pass, records the request in all
-of them. Redis runs a script atomically, so the limits are exact however many replicas
-admit at once. :meth:`settle` is one ``EVALSHA`` of ``lua/settle_v1.lua``.
+60 s, checks every applicable limit and, only if all pass, records the request in all of
+them. Redis runs a script atomically, so the limits are exact however many replicas
+admit at once. Settling is one ``EVALSHA`` of ``lua/settle_v2.lua`` that nobody waits
+for: it is pipelined with the next admission through the same connection (or sent
+within ``settle_delay``), so under load a request costs one round trip, not two.
 
-Key layout (version ``v1``; every key of one API key shares the hash tag ``{<subject>}``,
-so one script only touches one Cluster slot)::
+Key layout (version ``v2``; every key of one API key shares the hash tag ``{<subject>}``,
+so one script only touches one Redis Cluster slot)::
 
-    tail:rl:v1:{<subject>}:req        ZSET  request id -> admitted at (ms)
-    tail:rl:v1:{<subject>}:tok        ZSET  request id -> admitted at (ms)
-    tail:rl:v1:{<subject>}:tokamt     HASH  "a:<id>" -> tokens, "s:<id>" -> settled marker
-    tail:rl:v1:{<subject>}:toktotal   STRING sum of the amounts in the window
-    tail:rl:v1:{<subject>}:conc       ZSET  request id -> lease expiry (ms)
-    tail:rl:v1:{<subject>}:m:<model>:req   ... the same five for the key's use of one model
+    tail:rl:v2:{<subject>}:log          ZSET  "<id>|<tokens>" -> admitted at (ms)
+    tail:rl:v2:{<subject>}:total        STRING the tokens of the log's members
+    tail:rl:v2:{<subject>}:conc         ZSET  request id -> lease expiry (ms)
+    tail:rl:v2:{<subject>}:m:<model>:log  ... the same three for the key's use of one model
 
 ``%``, ``{`` and ``}`` in the subject are percent-encoded so the hash tag is exactly the
 subject. Window keys expire 61 s after their last write and lease keys ``lease_ttl_ms +
@@ -25,10 +25,10 @@ subject. Window keys expire 61 s after their last write and lease keys ``lease_t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 
-import redis.asyncio
-
+from tail_service.clients.redis_pipe import PipelinedRedis, Reply, Script
 from tail_service.core.ratelimit import (
     REASONS,
     UNLIMITED,
@@ -39,9 +39,14 @@ from tail_service.core.ratelimit import (
 )
 
 #: prefix of every key this limiter writes (bump the version when the layout changes)
-KEY_PREFIX = "tail:rl:v1:"
-#: the per-bucket key suffixes, in the order the admit script expects them
-BUCKET_SUFFIXES: tuple[str, ...] = ("req", "tok", "tokamt", "toktotal", "conc")
+KEY_PREFIX = "tail:rl:v2:"
+#: the per-bucket key suffixes, in the order the scripts expect them
+BUCKET_SUFFIXES: tuple[str, ...] = ("log", "total", "conc")
+#: how many (subject, model) key tuples are kept ready
+_KEY_CACHE_SIZE = 4096
+
+#: called with the request, its used tokens and the error when a settlement failed
+SettleFailure = Callable[[AdmissionRequest, "int | None", BaseException], None]
 
 
 def hash_tag(subject: str) -> str:
@@ -53,16 +58,16 @@ def hash_tag(subject: str) -> str:
 
 
 def bucket_keys(subject: str, model: str | None = None) -> tuple[str, ...]:
-    """The five keys of the key's bucket (``model`` None) or of its bucket for ``model``.
+    """The three keys of the key's bucket (``model`` None) or of its bucket for ``model``.
 
-    Order: ``req``, ``tok``, ``tokamt``, ``toktotal``, ``conc``.
+    Order: ``log``, ``total``, ``conc``.
     """
     base = KEY_PREFIX + hash_tag(subject) + ":" + ("" if model is None else f"m:{model}:")
     return tuple(base + suffix for suffix in BUCKET_SUFFIXES)
 
 
-def _read_script(name: str) -> str:
-    return resources.files("tail_service.clients").joinpath("lua", name).read_text(encoding="utf-8")
+def _read_script(name: str) -> Script:
+    return Script(resources.files("tail_service.clients").joinpath("lua", name).read_text(encoding="utf-8"))
 
 
 class RedisRateLimiter:
@@ -72,15 +77,17 @@ class RedisRateLimiter:
     settled (a crashed replica). ``batch_headroom`` (in [0, 1)): the fraction of every
     limit that batch requests must leave free, rounded up to whole requests/tokens/slots
     (so a limit of 1 admits no batch request at all when the headroom is above 0).
+    ``settle_delay``: the longest a settlement waits to share a write with other commands.
     Redis errors propagate as :class:`redis.exceptions.RedisError`.
     """
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: PipelinedRedis,
         *,
         lease_ttl_ms: int = 600_000,
         batch_headroom: float = 0.1,
+        settle_delay: float = 0.002,
     ) -> None:
         if lease_ttl_ms <= 0:
             raise ValueError(f"lease_ttl_ms must be positive: {lease_ttl_ms}")
@@ -89,14 +96,39 @@ class RedisRateLimiter:
         self._client = client
         self.lease_ttl_ms = lease_ttl_ms
         self.batch_headroom = batch_headroom
+        self.settle_delay = settle_delay
         self._headroom_ppm = round(batch_headroom * 1_000_000)
-        self._admit = client.register_script(_read_script("admit_v1.lua"))
-        self._settle = client.register_script(_read_script("settle_v1.lua"))
+        self._admit = _read_script("admit_v2.lua")
+        self._settle = _read_script("settle_v2.lua")
+        self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
     async def prepare(self) -> None:
-        """Load both scripts now (optional), so the first admission needs no NOSCRIPT retry."""
+        """Load both scripts now (optional), so the first admission needs no fallback."""
         for script in (self._admit, self._settle):
-            script.sha = await self._client.script_load(script.script)
+            await self._client.load(script)
+
+    def reset(self) -> None:
+        """Drop the connection (the breaker calls this when Redis stops answering)."""
+        self._client.reset()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def drain(self) -> None:
+        """Return once every command sent so far (settlements included) is answered.
+
+        Redis answers in order, so the reply to one more command is that moment.
+        """
+        await self._client.execute("PING")
+
+    def _keys_of(self, req: AdmissionRequest) -> tuple[str, ...]:
+        cache_key = (req.subject, req.model)
+        keys = self._keys.get(cache_key)
+        if keys is None:
+            if len(self._keys) >= _KEY_CACHE_SIZE:
+                self._keys.clear()
+            keys = self._keys[cache_key] = bucket_keys(req.subject) + bucket_keys(req.subject, req.model)
+        return keys
 
     async def admit(self, req: AdmissionRequest) -> Admission:
         """Admit or reject ``req`` in one round trip; without any limit, admit without I/O.
@@ -106,7 +138,6 @@ class RedisRateLimiter:
         if not req.limited:
             return UNLIMITED
         k, m = req.key_limits, req.model_limits
-        keys = bucket_keys(req.subject) + bucket_keys(req.subject, req.model)
         args = (
             WINDOW_MS,
             req.request_id,
@@ -121,34 +152,61 @@ class RedisRateLimiter:
             m.tpm,
             m.max_concurrency,
         )
-        raw = await self._admit(keys=keys, args=args)
-        allowed, reason, lr, rr, resr, lt, rt, rest, retry = (int(v) for v in raw)
+        raw = await self._client.evalsha(self._admit, self._keys_of(req), args)
+        allowed, reason, lr, rr, resr, lt, rt, rest, retry = raw
         return Admission(
-            allowed=bool(allowed),
-            reason=None if allowed else REASONS[reason - 1],
+            allowed=allowed == 1,
+            reason=None if allowed == 1 else REASONS[reason - 1],
             limit_requests=lr,
             remaining_requests=rr,
             reset_requests_ms=resr,
             limit_tokens=lt,
             remaining_tokens=rt,
             reset_tokens_ms=rest,
-            retry_after_ms=0 if allowed else retry,
+            retry_after_ms=0 if allowed == 1 else retry,
         )
 
-    async def settle(self, req: AdmissionRequest, *, used_tokens: int | None) -> None:
-        """Set the reservation of ``req`` to ``used_tokens`` (``None``: keep it) and free its slot.
-
-        One round trip, none when ``req`` has neither a token nor a concurrency limit.
-        Idempotent: once a request is settled, later calls change nothing. An amount whose
-        entry already left the window is not touched.
-        """
+    def _settle_call(
+        self, req: AdmissionRequest, used_tokens: int | None
+    ) -> tuple[tuple[str, ...], tuple[str | int, ...]] | None:
         if used_tokens is not None and used_tokens < 0:
             raise ValueError(f"used_tokens must not be negative: {used_tokens}")
         k, m = req.key_limits, req.model_limits
         flags = (k.tpm > 0, k.max_concurrency > 0, m.tpm > 0, m.max_concurrency > 0)
         if not any(flags):
+            return None
+        args = (
+            req.request_id,
+            req.tokens,
+            "" if used_tokens is None else used_tokens,
+            *(int(f) for f in flags),
+        )
+        return self._keys_of(req), args
+
+    async def settle(self, req: AdmissionRequest, *, used_tokens: int | None) -> None:
+        """Set the reservation of ``req`` to ``used_tokens`` (``None``: keep it) and free its slot.
+
+        One round trip, none when ``req`` has neither a token nor a concurrency limit.
+        Idempotent: once a request is settled, later calls change nothing. An entry that
+        already left the window is not touched.
+        """
+        call = self._settle_call(req, used_tokens)
+        if call is not None:
+            await self._client.evalsha(self._settle, *call)
+
+    def settle_later(
+        self, req: AdmissionRequest, *, used_tokens: int | None, on_error: SettleFailure
+    ) -> None:
+        """:meth:`settle` without waiting: sent with the next command, or within ``settle_delay``.
+
+        ``on_error`` hears of a failure (Redis down, an error reply).
+        """
+        call = self._settle_call(req, used_tokens)
+        if call is None:
             return
-        key_b, model_b = bucket_keys(req.subject), bucket_keys(req.subject, req.model)
-        keys = (*key_b[2:], *model_b[2:])
-        args = (req.request_id, "" if used_tokens is None else used_tokens, *(int(f) for f in flags))
-        await self._settle(keys=keys, args=args)
+
+        def done(reply: Reply) -> None:
+            if isinstance(reply, BaseException):
+                on_error(req, used_tokens, reply)
+
+        self._client.submit_script(self._settle, *call, done, delay=self.settle_delay)

@@ -4,16 +4,20 @@ The tokens reserved up front are the prompt's exact count (offline tokenizer) pl
 request's ``max_tokens`` / ``max_completion_tokens``, or ``default_max_tokens`` when it
 gives none (no client is forced to send one). After the answer, :meth:`Admitter.settle`
 replaces the reservation with the tokens actually used and releases the concurrency
-slot, in the background so the response is not held up; it runs exactly once per
-admitted request, however the request ended.
+slot without holding up the response (the limiter sends it with its next command); it
+runs exactly once per admitted request, however the request ended.
+
+The limiter gets its own id for every admission (a per-process random prefix and a
+counter), never the request id a client may choose: two requests sent with the same
+``x-request-id`` must still count twice.
 
 A key with no limits and a model with none cost nothing here: no token count, no Redis.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import itertools
+import os
 from dataclasses import dataclass
 
 from tail_service.core.ratelimit import (
@@ -28,8 +32,6 @@ from tail_service.core.routing import ModelRouter
 from tail_service.core.tokens import TokenCounter
 from tail_service.core.types import ProxyRequest
 from tail_service.errors import RateLimitError
-
-log = logging.getLogger("tail_service.admission")
 
 
 class TokenRateLimitError(RateLimitError):
@@ -61,7 +63,8 @@ class Admitter:
         self._router = router
         self._counter = counter
         self._default_max_tokens = default_max_tokens
-        self._pending: set[asyncio.Task[None]] = set()
+        self._id_prefix = "a" + os.urandom(6).hex() + ":"
+        self._ids = itertools.count()
 
     def _reserve(self, req: ProxyRequest) -> int:
         body = req.body
@@ -85,7 +88,7 @@ class Admitter:
         tokens = self._reserve(req) if (key_limits.tpm or model_limits.tpm) else 0
         ask = AdmissionRequest(
             subject=p.key_id,
-            request_id=req.request_id,
+            request_id=self._id_prefix + str(next(self._ids)),
             model=req.model,
             tokens=tokens,
             key_limits=key_limits,
@@ -105,21 +108,12 @@ class Admitter:
         return Ticket(ask)
 
     def settle(self, ticket: Ticket | None, used_tokens: int | None) -> None:
-        """Settle in the background (exactly once per ticket)."""
+        """Hand the settlement to the limiter (exactly once per ticket); never waits."""
         if ticket is None or ticket.settled:
             return
         ticket.settled = True
-        task = asyncio.get_running_loop().create_task(self._settle(ticket.request, used_tokens))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _settle(self, ask: AdmissionRequest, used_tokens: int | None) -> None:
-        try:
-            await self._limiter.settle(ask, used_tokens=used_tokens)
-        except Exception:  # a slot that is not released here comes back by its lease TTL
-            log.exception("settling an admission failed")
+        self._limiter.settle_later(ticket.request, used_tokens=used_tokens)
 
     async def drain(self) -> None:
-        """Wait for the settlements in flight (at shutdown)."""
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        """Wait for the settlements on their way (at shutdown)."""
+        await self._limiter.drain()

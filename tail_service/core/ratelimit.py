@@ -206,16 +206,20 @@ class RateLimiter(Protocol):
     async def admit(self, req: AdmissionRequest) -> Admission:
         """Check every applicable limit and, only if all pass, record the request in all of them.
 
-        A rejection records nothing. Raises the backend's errors (the caller picks
-        fail-open or fail-closed).
+        A rejection records nothing. Raises :class:`~tail_service.errors.TailError` when
+        the failure policy says so (fail-closed).
         """
         ...
 
-    async def settle(self, req: AdmissionRequest, *, used_tokens: int | None) -> None:
+    def settle_later(self, req: AdmissionRequest, *, used_tokens: int | None) -> None:
         """Replace the token reservation of ``req`` by ``used_tokens`` (``None``: keep it)
-        and release its concurrency slot.
+        and release its concurrency slot, without waiting for the backend.
 
         Call exactly once per admitted request, whatever its end: success, error,
         client disconnect or cut stream. Idempotent: a second call changes nothing.
         """
+        ...
+
+    async def drain(self) -> None:
+        """Deliver the settlements still on their way (at shutdown)."""
         ...

@@ -88,7 +88,7 @@ def limited_settings(stack: Stack, upstream: FakeOpenAI, redis_url: str, **redis
 
 def live_slots(r: redis.Redis, key: Key) -> int:
     """Concurrency slots of ``key`` currently taken in Redis (expired leases excluded)."""
-    conc = bucket_keys(key.key_id)[4]
+    conc = bucket_keys(key.key_id)[2]
     now_ms = int(time.time() * 1000)
     return int(r.zcount(conc, now_ms, "+inf"))
 
@@ -158,8 +158,8 @@ class Replicas:
     urls: list[str]
     logs: list[list[str]]
 
-    def clients(self, key: Key) -> list[openai.OpenAI]:
-        return [sdk(url, key) for url in self.urls]
+    def clients(self, key: Key, **kw: Any) -> list[openai.OpenAI]:
+        return [sdk(url, key, **kw) for url in self.urls]
 
     def log_tail(self) -> str:
         """The end of each replica's stderr, for failure messages."""
@@ -268,7 +268,9 @@ def fresh_replicas(replicas: Replicas) -> Replicas:
 def test_rpm_is_exact_across_two_replicas(fresh_replicas: Replicas) -> None:
     reps = fresh_replicas
     key = new_key(reps.stack, rpm=50)
-    results = burst(reps.clients(key), 100, chat_body("rpm"))
+    # every call claims the same request id: the limiter must count each one regardless
+    same_id = {"x-request-id": "req_the_same_for_all"}
+    results = burst(reps.clients(key, default_headers=same_id), 100, chat_body("rpm"))
     ok, limited = split(results)
     assert (len(ok), len(limited)) == (50, 50), reps.log_tail()
     assert all(r.choices[0].message.content == "[r] rpm" for r in ok)
@@ -482,7 +484,7 @@ def test_ratelimit_headers_on_sequential_calls(
         client = sdk(app.base_url, key)
         prev_remaining = 10_000
         prev_used = 0
-        for i in range(1, 11):
+        for i in (*range(1, 6), *range(7, 11)):
             raw = client.chat.completions.with_raw_response.create(**body)
             h = raw.headers
             usage = raw.parse().usage
@@ -506,6 +508,12 @@ def test_ratelimit_headers_on_sequential_calls(
                 )
             assert 0 <= remaining <= prev_remaining <= 10_000
             prev_remaining, prev_used = remaining, usage.total_tokens
+            if i == 5:  # an upstream failure after admission carries the headers too
+                upstream.fail_next(1, 500)
+                with pytest.raises(openai.InternalServerError) as failed:
+                    client.chat.completions.create(**body)
+                assert failed.value.response.headers["x-ratelimit-limit-requests"] == "10"
+                assert failed.value.response.headers["x-ratelimit-remaining-requests"] == "4"
         with pytest.raises(openai.RateLimitError) as exc:
             client.chat.completions.create(**body)
         assert_rate_limited(exc.value)

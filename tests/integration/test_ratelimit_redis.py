@@ -14,6 +14,7 @@ import redis.exceptions
 from redis.crc import key_slot
 
 from tail_service.clients.ratelimit_redis import RedisRateLimiter, bucket_keys, hash_tag
+from tail_service.clients.redis_pipe import PipelinedRedis
 from tail_service.core.ratelimit import (
     UNLIMITED,
     Admission,
@@ -42,8 +43,21 @@ async def clients(redis_server: EmbeddedRedis) -> AsyncIterator[list[redis.async
 
 
 @pytest.fixture
-def limiter(clients: list[redis.asyncio.Redis]) -> RedisRateLimiter:
-    return RedisRateLimiter(clients[0])
+async def pipes(
+    redis_server: EmbeddedRedis, clients: list[redis.asyncio.Redis]
+) -> AsyncIterator[list[PipelinedRedis]]:
+    """The limiters' own connections: four "replicas"."""
+    ps = [PipelinedRedis(redis_server.url()) for _ in range(4)]
+    try:
+        yield ps
+    finally:
+        for p in ps:
+            await p.close()
+
+
+@pytest.fixture
+def limiter(pipes: list[PipelinedRedis]) -> RedisRateLimiter:
+    return RedisRateLimiter(pipes[0])
 
 
 _ids = itertools.count()
@@ -80,8 +94,10 @@ async def snapshot(client: redis.asyncio.Redis) -> dict[bytes, Any]:
     return out
 
 
-async def test_requests_are_exact_under_concurrency(clients: list[redis.asyncio.Redis]) -> None:
-    limiters = [RedisRateLimiter(c) for c in clients]
+async def test_requests_are_exact_under_concurrency(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiters = [RedisRateLimiter(p) for p in pipes]
     results = await burst(limiters, [req(Limits(rpm=50)) for _ in range(200)])
     allowed = [a for a in results if a.allowed]
     assert len(allowed) == 50
@@ -93,12 +109,14 @@ async def test_requests_are_exact_under_concurrency(clients: list[redis.asyncio.
     assert await clients[1].zcard(bucket_keys("key-1")[0]) == 50
 
 
-async def test_tokens_are_exact_under_concurrency(clients: list[redis.asyncio.Redis]) -> None:
-    limiters = [RedisRateLimiter(c) for c in clients]
+async def test_tokens_are_exact_under_concurrency(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiters = [RedisRateLimiter(p) for p in pipes]
     results = await burst(limiters, [req(Limits(tpm=1000), tokens=100) for _ in range(200)])
     assert sum(a.allowed for a in results) == 10
     assert {a.reason for a in results if not a.allowed} == {"tokens"}
-    assert int(await clients[0].get(bucket_keys("key-1")[3]) or 0) == 1000
+    assert int(await clients[0].get(bucket_keys("key-1")[1]) or 0) == 1000
     # requests-only headers are absent, tokens ones present
     assert set(ratelimit_headers(results[0])) == {
         "x-ratelimit-limit-tokens",
@@ -107,8 +125,10 @@ async def test_tokens_are_exact_under_concurrency(clients: list[redis.asyncio.Re
     }
 
 
-async def test_concurrency_slots_come_back_on_settle(clients: list[redis.asyncio.Redis]) -> None:
-    limiters = [RedisRateLimiter(c) for c in clients]
+async def test_concurrency_slots_come_back_on_settle(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiters = [RedisRateLimiter(p) for p in pipes]
     reqs = [req(Limits(max_concurrency=4)) for _ in range(50)]
     results = await burst(limiters, reqs)
     admitted = [r for r, a in zip(reqs, results, strict=True) if a.allowed]
@@ -127,12 +147,14 @@ async def test_concurrency_slots_come_back_on_settle(clients: list[redis.asyncio
     assert sum(a.allowed for a in third) == 3
 
 
-async def test_leases_of_a_dead_process_expire(clients: list[redis.asyncio.Redis]) -> None:
-    short = RedisRateLimiter(clients[0], lease_ttl_ms=300)
+async def test_leases_of_a_dead_process_expire(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    short = RedisRateLimiter(pipes[0], lease_ttl_ms=300)
     lim = Limits(max_concurrency=2)
     assert all(a.allowed for a in [await short.admit(req(lim)), await short.admit(req(lim))])
     assert not (await short.admit(req(lim))).allowed
-    conc = bucket_keys("key-1")[4]
+    conc = bucket_keys("key-1")[2]
     assert 0 < await clients[0].pttl(conc) <= 1300
     await asyncio.sleep(0.4)  # nobody settles: the "process" died
     assert (await short.admit(req(lim))).allowed
@@ -156,13 +178,15 @@ async def test_model_limits_combine_with_key_limits(limiter: RedisRateLimiter) -
     assert more[-1].reason == "requests" and more[-1].limit_requests == 10
 
 
-async def test_a_rejection_reserves_nothing(clients: list[redis.asyncio.Redis]) -> None:
-    limiter = RedisRateLimiter(clients[0])
+async def test_a_rejection_reserves_nothing(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiter = RedisRateLimiter(pipes[0])
     key = Limits(rpm=100, tpm=10_000, max_concurrency=10)
     model = Limits(rpm=100, tpm=500, max_concurrency=2)
     assert (await limiter.admit(req(key, model, tokens=300))).allowed
     before = await snapshot(clients[0])
-    assert len(before) == 10  # req, tok, tokamt, toktotal, conc for the key and for the model
+    assert len(before) == 6  # log, total, conc for the key and for the model
     for _ in range(3):
         a = await limiter.admit(req(key, model, tokens=300))
         assert not a.allowed and a.reason == "model_tokens"
@@ -183,15 +207,17 @@ async def test_too_large_request_is_rejected_for_a_minute(limiter: RedisRateLimi
     assert rate_limit_message(a, r).startswith("Request too large for gpt-x")
 
 
-async def test_settle_adjusts_tokens_and_is_idempotent(clients: list[redis.asyncio.Redis]) -> None:
-    limiter = RedisRateLimiter(clients[0])
+async def test_settle_adjusts_tokens_and_is_idempotent(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiter = RedisRateLimiter(pipes[0])
     key = Limits(tpm=1000, max_concurrency=5)
     big = req(key, tokens=500)
     assert (await limiter.admit(big)).allowed
     assert (await limiter.admit(req(key, tokens=500))).allowed
     assert not (await limiter.admit(req(key, tokens=400))).allowed
     await limiter.settle(big, used_tokens=100)
-    total = bucket_keys("key-1")[3]
+    total = bucket_keys("key-1")[1]
     assert int(await clients[0].get(total) or 0) == 600
     state = await snapshot(clients[0])
     await limiter.settle(big, used_tokens=100)
@@ -204,8 +230,10 @@ async def test_settle_adjusts_tokens_and_is_idempotent(clients: list[redis.async
     assert not b.allowed and b.reason == "tokens" and 0 < b.retry_after_ms <= 60_000
 
 
-async def test_settle_without_usage_keeps_the_reservation(clients: list[redis.asyncio.Redis]) -> None:
-    limiter = RedisRateLimiter(clients[0])
+async def test_settle_without_usage_keeps_the_reservation(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiter = RedisRateLimiter(pipes[0])
     r = req(Limits(tpm=1000, max_concurrency=1), tokens=700)
     assert (await limiter.admit(r)).allowed
     await limiter.settle(r, used_tokens=None)
@@ -214,8 +242,10 @@ async def test_settle_without_usage_keeps_the_reservation(clients: list[redis.as
     assert a.remaining_tokens == 300
 
 
-async def test_batch_leaves_headroom_for_interactive(clients: list[redis.asyncio.Redis]) -> None:
-    limiters = [RedisRateLimiter(c) for c in clients]
+async def test_batch_leaves_headroom_for_interactive(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiters = [RedisRateLimiter(p) for p in pipes]
     batch = await burst(limiters, [req(Limits(rpm=10), priority=Priority.BATCH) for _ in range(30)])
     assert sum(a.allowed for a in batch) == 9
     rejected = [a for a in batch if not a.allowed]
@@ -248,18 +278,20 @@ async def test_headers_are_consistent_across_calls(limiter: RedisRateLimiter) ->
     assert GO_DURATION.match(ratelimit_headers(a)["x-ratelimit-reset-requests"])
 
 
-async def test_every_key_carries_the_hash_tag_and_expires(clients: list[redis.asyncio.Redis]) -> None:
-    limiter = RedisRateLimiter(clients[0], lease_ttl_ms=5000)
+async def test_every_key_carries_the_hash_tag_and_expires(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiter = RedisRateLimiter(pipes[0], lease_ttl_ms=5000)
     every = Limits(rpm=10, tpm=1000, max_concurrency=3)
     subjects = ["key-1", "we{ird}:key%", "plain"]
     for s in subjects:
         for model in ("gpt-x", "org/a:b", "{x}"):
             assert (await limiter.admit(req(every, every, subject=s, model_name=model))).allowed
     keys = [k.decode() async for k in clients[0].scan_iter(match="*")]
-    assert len(keys) == 3 * (5 + 3 * 5)
+    assert len(keys) == 3 * (3 + 3 * 3)
     for s in subjects:
-        mine = [k for k in keys if k.startswith(f"tail:rl:v1:{hash_tag(s)}:")]
-        assert len(mine) == 20
+        mine = [k for k in keys if k.startswith(f"tail:rl:v2:{hash_tag(s)}:")]
+        assert len(mine) == 12
         assert len({key_slot(k.encode()) for k in mine}) == 1
         assert key_slot(mine[0].encode()) == key_slot(hash_tag(s).encode())
     for k in keys:
@@ -269,7 +301,7 @@ async def test_every_key_carries_the_hash_tag_and_expires(clients: list[redis.as
 
 
 async def test_no_limits_means_no_redis(tmp_path: Any) -> None:
-    dead = redis.asyncio.Redis.from_url(f"unix://{tmp_path}/nothing.sock")
+    dead = PipelinedRedis(f"unix://{tmp_path}/nothing.sock")
     try:
         limiter = RedisRateLimiter(dead)
         r = req()
@@ -279,11 +311,13 @@ async def test_no_limits_means_no_redis(tmp_path: Any) -> None:
         with pytest.raises(redis.exceptions.RedisError):
             await limiter.admit(req(Limits(rpm=1)))
     finally:
-        await dead.aclose()
+        await dead.close()
 
 
-async def test_scripts_reload_after_script_flush(clients: list[redis.asyncio.Redis]) -> None:
-    limiter = RedisRateLimiter(clients[0])
+async def test_scripts_reload_after_script_flush(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiter = RedisRateLimiter(pipes[0])
     await limiter.prepare()
     r = req(Limits(max_concurrency=1))
     assert (await limiter.admit(r)).allowed
@@ -307,23 +341,52 @@ async def test_retry_after_points_at_the_entries_that_must_leave(limiter: RedisR
     assert c.reason == "tokens" and b.retry_after_ms + 190 <= c.retry_after_ms <= 60_000
 
 
-async def test_expired_entries_are_purged_and_subtracted(clients: list[redis.asyncio.Redis]) -> None:
-    limiter = RedisRateLimiter(clients[0])
+async def test_expired_entries_are_purged_and_subtracted(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiter = RedisRateLimiter(pipes[0])
     key = Limits(rpm=2, tpm=1000)
     old = req(key, tokens=600)
     assert (await limiter.admit(old)).allowed
     assert (await limiter.admit(req(key, tokens=300))).allowed
     assert not (await limiter.admit(req(key, tokens=200))).allowed
     # age the first admission past the window (as if 60 s had gone by for it)
-    rq, tok, amt, total, _ = bucket_keys("key-1")
-    for z in (rq, tok):
-        score = await clients[0].zscore(z, old.request_id)
-        assert score is not None
-        await clients[0].zadd(z, {old.request_id: score - 60_000})
+    log, total, _ = bucket_keys("key-1")
+    member = f"{old.request_id}|600"
+    score = await clients[0].zscore(log, member)
+    assert score is not None
+    await clients[0].zadd(log, {member: score - 60_000})
     a = await limiter.admit(req(key, tokens=700))
     assert a.allowed and a.remaining_tokens == 0 and a.remaining_requests == 0
     assert int(await clients[0].get(total) or 0) == 1000
-    assert await clients[0].hexists(amt, f"a:{old.request_id}") == 0
-    assert await clients[0].zscore(rq, old.request_id) is None
+    assert await clients[0].zscore(log, member) is None
+    assert await clients[0].zcard(log) == 2
     await limiter.settle(old, used_tokens=1)  # its entry left the window: nothing to adjust
     assert int(await clients[0].get(total) or 0) == 1000
+
+
+async def test_a_settled_entry_leaves_the_window_with_its_used_tokens(
+    clients: list[redis.asyncio.Redis], limiter: RedisRateLimiter
+) -> None:
+    key = Limits(tpm=1000)
+    r = req(key, tokens=600)
+    assert (await limiter.admit(r)).allowed
+    await limiter.settle(r, used_tokens=250)
+    log, total, _ = bucket_keys("key-1")
+    assert await clients[0].zrange(log, 0, -1) == [f"{r.request_id}|250|s".encode()]
+    assert int(await clients[0].get(total) or 0) == 250
+    score = await clients[0].zscore(log, f"{r.request_id}|250|s")
+    assert score is not None
+    await clients[0].zadd(log, {f"{r.request_id}|250|s": score - 60_000})
+    a = await limiter.admit(req(key, tokens=1000))
+    assert a.allowed and a.remaining_tokens == 0
+    assert int(await clients[0].get(total) or 0) == 1000
+
+
+async def test_a_request_id_with_the_separator_is_parsed_from_the_end(limiter: RedisRateLimiter) -> None:
+    key = Limits(tpm=100)
+    odd = AdmissionRequest("key-1", "a|7|s|42", "gpt-x", 60, key, NONE)
+    assert (await limiter.admit(odd)).allowed
+    await limiter.settle(odd, used_tokens=10)
+    a = await limiter.admit(req(key, tokens=90))
+    assert a.allowed and a.remaining_tokens == 0

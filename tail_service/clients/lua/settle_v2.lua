@@ -1,0 +1,43 @@
+-- settle_v2.lua: end one admitted request (tail_service rate limiter). Idempotent.
+--
+-- KEYS (same hash tag {<subject>}): for the key bucket then the key-per-model bucket, 3 each:
+--   log (ZSET "<id>|<tokens>" -> admitted ms), total (STRING), conc (ZSET id -> lease expiry ms).
+-- ARGV: 1 request id, 2 tokens reserved at admission, 3 tokens used ("" = keep the reservation),
+--   4..5 key has tpm / conc ("1"/"0"), 6..7 model has tpm / conc.
+-- While the request's open entry "<id>|<reserved>" is still in the window, it becomes
+-- "<id>|<used>|s" (same admission time) and the total moves by the difference, never below zero;
+-- a second call finds no open entry and changes nothing. The concurrency lease is removed.
+-- Returns the number of buckets changed.
+
+local id, reserved, used = ARGV[1], ARGV[2], ARGV[3]
+local changed = 0
+if used == '' then used = reserved end
+
+for b = 0, 1 do
+  local k = b * 3
+  if ARGV[4 + b * 2] == '1' then
+    local log, tot = KEYS[k + 1], KEYS[k + 2]
+    local open = id .. '|' .. reserved
+    local at = redis.call('ZSCORE', log, open)
+    if at then
+      redis.call('ZREM', log, open)
+      redis.call('ZADD', log, at, id .. '|' .. used .. '|s')
+      local delta = tonumber(used) - tonumber(reserved)
+      if delta ~= 0 then
+        local total = tonumber(redis.call('GET', tot) or '0')
+        local new = math.max(0, total + delta)
+        if new > 0 then
+          redis.call('SET', tot, new, 'KEEPTTL')
+          if redis.call('PTTL', tot) < 0 then redis.call('PEXPIRE', tot, redis.call('PTTL', log)) end
+        else
+          redis.call('DEL', tot)
+        end
+      end
+      changed = changed + 1
+    end
+  end
+  if ARGV[5 + b * 2] == '1' then
+    changed = changed + redis.call('ZREM', KEYS[k + 3], id)
+  end
+end
+return changed
