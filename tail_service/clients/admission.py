@@ -3,6 +3,9 @@
 Every admission waits at most ``redis.timeout`` for Redis. ``breaker_failures`` failures in
 a row open the breaker: for ``breaker_reset`` seconds Redis is not called at all, so a
 dead Redis costs no latency; then one trial call decides whether to close it again.
+Failures of calls that were already in flight together count once: one slow moment
+that times out 64 concurrent admissions is one failure, not 64, while a Redis that
+stays dead fails three successive waves and opens the breaker within ~3 timeouts.
 While Redis cannot answer, ``failure_mode: open`` admits without limits (and without
 rate-limit headers) and ``closed`` answers 503 ``rate_limiter_unavailable``.
 """
@@ -41,6 +44,7 @@ class GuardedLimiter:
         self._settings = settings
         self._monotonic = monotonic
         self._fails = 0
+        self._last_failure = float("-inf")
         self._open_until = 0.0
         self.degraded_admissions = 0
         self._releases: set[asyncio.Task[None]] = set()
@@ -49,7 +53,10 @@ class GuardedLimiter:
     def breaker_open(self) -> bool:
         return self._open_until > self._monotonic()
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, sent_at: float) -> None:
+        if sent_at < self._last_failure:
+            return  # in flight with a failure already counted
+        self._last_failure = self._monotonic()
         self._fails += 1
         if self._fails >= self._settings.breaker_failures and not self.breaker_open:
             self._open_until = self._monotonic() + self._settings.breaker_reset
@@ -72,11 +79,11 @@ class GuardedLimiter:
             return UNLIMITED
         if self.breaker_open:
             return self._degraded()
+        sent_at = self._monotonic()
         try:
-            async with asyncio.timeout(self._settings.timeout):
-                admission = await self._inner.admit(req)
+            admission = await self._inner.admit(req, timeout=self._settings.timeout)
         except _REDIS_ERRORS as exc:
-            self._failed(exc)
+            self._failed(exc, sent_at)
             # The script may still run once Redis catches up and take a slot for a
             # request we did not count as admitted: give it back, in the background.
             self._release_later(req, 0)
@@ -91,11 +98,18 @@ class GuardedLimiter:
         if self.breaker_open:
             self._release_later(req, used_tokens)
             return
-        self._inner.settle_later(req, used_tokens=used_tokens, on_error=self._settle_failed)
+        sent_at = self._monotonic()
 
-    def _settle_failed(self, req: AdmissionRequest, used_tokens: int | None, exc: BaseException) -> None:
+        def failed(req: AdmissionRequest, used_tokens: int | None, exc: BaseException) -> None:
+            self._settle_failed(req, used_tokens, exc, sent_at)
+
+        self._inner.settle_later(req, used_tokens=used_tokens, on_error=failed)
+
+    def _settle_failed(
+        self, req: AdmissionRequest, used_tokens: int | None, exc: BaseException, sent_at: float
+    ) -> None:
         if isinstance(exc, _REDIS_ERRORS):
-            self._failed(exc)
+            self._failed(exc, sent_at)
         else:
             log.error("settling an admission failed", extra={"error": type(exc).__name__})
         self._release_later(req, used_tokens)
@@ -116,8 +130,7 @@ class GuardedLimiter:
         for _ in range(12):
             await asyncio.sleep(delay)
             try:
-                async with asyncio.timeout(1.0):
-                    await self._inner.settle(req, used_tokens=used_tokens)
+                await self._inner.settle(req, used_tokens=used_tokens, timeout=1.0)
             except _REDIS_ERRORS:
                 delay = min(delay * 2, 10.0)
                 continue
@@ -130,8 +143,7 @@ class GuardedLimiter:
         if self.breaker_open:
             return
         try:
-            async with asyncio.timeout(2.0):
-                await self._inner.drain()
+            await self._inner.drain(timeout=2.0)
         except _REDIS_ERRORS as exc:
             log.warning("settlements not confirmed at shutdown: %s", type(exc).__name__)
 

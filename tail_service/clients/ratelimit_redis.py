@@ -114,12 +114,12 @@ class RedisRateLimiter:
     async def close(self) -> None:
         await self._client.close()
 
-    async def drain(self) -> None:
+    async def drain(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
         """Return once every command sent so far (settlements included) is answered.
 
         Redis answers in order, so the reply to one more command is that moment.
         """
-        await self._client.execute("PING")
+        await self._client.execute("PING", timeout=timeout)
 
     def _keys_of(self, req: AdmissionRequest) -> tuple[str, ...]:
         cache_key = (req.subject, req.model)
@@ -130,10 +130,11 @@ class RedisRateLimiter:
             keys = self._keys[cache_key] = bucket_keys(req.subject) + bucket_keys(req.subject, req.model)
         return keys
 
-    async def admit(self, req: AdmissionRequest) -> Admission:
+    async def admit(self, req: AdmissionRequest, *, timeout: float | None = None) -> Admission:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
         """Admit or reject ``req`` in one round trip; without any limit, admit without I/O.
 
-        A rejection records nothing (expired entries are still purged).
+        A rejection records nothing (expired entries are still purged). ``timeout``:
+        seconds until :class:`TimeoutError`.
         """
         if not req.limited:
             return UNLIMITED
@@ -152,7 +153,7 @@ class RedisRateLimiter:
             m.tpm,
             m.max_concurrency,
         )
-        raw = await self._client.evalsha(self._admit, self._keys_of(req), args)
+        raw = await self._client.evalsha(self._admit, self._keys_of(req), args, timeout=timeout)
         allowed, reason, lr, rr, resr, lt, rt, rest, retry = raw
         return Admission(
             allowed=allowed == 1,
@@ -183,7 +184,13 @@ class RedisRateLimiter:
         )
         return self._keys_of(req), args
 
-    async def settle(self, req: AdmissionRequest, *, used_tokens: int | None) -> None:
+    async def settle(
+        self,
+        req: AdmissionRequest,
+        *,
+        used_tokens: int | None,
+        timeout: float | None = None,  # noqa: ASYNC109 - a deadline, not asyncio.timeout
+    ) -> None:
         """Set the reservation of ``req`` to ``used_tokens`` (``None``: keep it) and free its slot.
 
         One round trip, none when ``req`` has neither a token nor a concurrency limit.
@@ -192,7 +199,7 @@ class RedisRateLimiter:
         """
         call = self._settle_call(req, used_tokens)
         if call is not None:
-            await self._client.evalsha(self._settle, *call)
+            await self._client.evalsha(self._settle, *call, timeout=timeout)
 
     def settle_later(
         self, req: AdmissionRequest, *, used_tokens: int | None, on_error: SettleFailure

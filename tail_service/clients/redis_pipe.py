@@ -49,6 +49,10 @@ Reply = Any
 #: where a reply goes: a future someone awaits, or a callback
 Sink = asyncio.Future[Reply] | Callable[[Reply], None]
 Arg = str | bytes | int
+#: a deadline timer this late (s) means this process stalled, and ...
+_LATE = 0.005
+#: ... a reply gets this long (s) more to be read
+_GRACE = 0.001
 
 
 def encode(args: Sequence[Arg]) -> bytes:
@@ -83,6 +87,23 @@ class Script:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.body.encode()).hexdigest())
+
+
+def _deadline(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Reply], due: float) -> None:
+    if fut.done():
+        return
+    if loop.time() - due > _LATE:
+        # This process stalled past the deadline (a long callback, a GC pause): the reply
+        # may be waiting unread, and timers can run before the loop reads the sockets
+        # (libuv, hence uvloop, runs timers first). Look again after one more poll.
+        loop.call_later(_GRACE, _expire, fut)
+    else:
+        _expire(fut)
+
+
+def _expire(fut: asyncio.Future[Reply]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("redis did not answer in time"))
 
 
 def _is_noscript(reply: Reply) -> bool:
@@ -198,24 +219,43 @@ class PipelinedRedis:
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
-    async def execute(self, *args: Arg) -> Reply:
-        """Send one command and return its reply (a Redis error reply raises ``ResponseError``)."""
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+    async def execute(self, *args: Arg, timeout: float | None = None) -> Reply:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
+        """Send one command and return its reply (a Redis error reply raises ``ResponseError``).
+
+        ``timeout``: seconds until :class:`TimeoutError`. Unlike ``asyncio.timeout``, the
+        deadline gives a reply that already arrived one more loop iteration to be read, so
+        a stall of this process (not of Redis) does not count as Redis being slow.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Reply] = loop.create_future()
         self._send(encode(args), fut, 0.0)
-        return await fut
+        if timeout is None:
+            return await fut
+        timer = loop.call_later(timeout, _deadline, loop, fut, loop.time() + timeout)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
 
     def submit(self, args: Sequence[Arg], callback: Callable[[Reply], None], *, delay: float = 0.0) -> None:
         """Send one command without waiting; ``callback`` gets the reply or the exception."""
         self._send(encode(args), callback, delay)
 
-    async def evalsha(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> Reply:
+    async def evalsha(
+        self,
+        script: Script,
+        keys: Sequence[Arg],
+        args: Sequence[Arg],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a deadline, not asyncio.timeout
+    ) -> Reply:
         """Run ``script`` (``EVALSHA``, then ``EVAL`` once if Redis does not have it)."""
         try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args, timeout=timeout)
         except ResponseError as exc:
             if not _is_noscript(exc):
                 raise
-            return await self.execute("EVAL", script.body, len(keys), *keys, *args)
+            return await self.execute("EVAL", script.body, len(keys), *keys, *args, timeout=timeout)
 
     def submit_script(
         self,

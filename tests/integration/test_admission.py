@@ -7,6 +7,7 @@ a fresh API key, so the limiter state of one never leaks into another.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -30,10 +31,13 @@ import pytest
 import redis
 
 from tail_service.authsvc.keys import ensure_pepper_file
-from tail_service.clients.ratelimit_redis import bucket_keys
+from tail_service.clients.admission import GuardedLimiter
+from tail_service.clients.ratelimit_redis import RedisRateLimiter, bucket_keys
+from tail_service.clients.redis_pipe import PipelinedRedis
+from tail_service.core.ratelimit import UNLIMITED, AdmissionRequest, Limits
 from tail_service.proto import auth_pb2
 from tail_service.redis_embedded import EmbeddedRedis
-from tail_service.settings import Settings, TLSFiles
+from tail_service.settings import RedisSettings, Settings, TLSFiles
 from tail_service.tokens import TiktokenCounter
 from tests.conftest import RunningApp, model_entry, serve_app
 from tests.fakes.openai_upstream import FakeOpenAI, run_openai_upstream_in_thread
@@ -565,6 +569,34 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         if server.proc is not None and server.proc.poll() is None:
             server.proc.send_signal(signal.SIGCONT)
         server.stop()
+
+
+async def test_one_slow_moment_is_one_breaker_failure_however_many_were_in_flight(
+    own_redis: EmbeddedRedis,
+) -> None:
+    settings = RedisSettings(timeout=0.05, breaker_failures=3, breaker_reset=30, failure_mode="open")
+    guarded = GuardedLimiter(RedisRateLimiter(PipelinedRedis(own_redis.url())), settings)
+    limits = Limits(rpm=1000)
+
+    def ask() -> AdmissionRequest:
+        return AdmissionRequest("k", os.urandom(6).hex(), "m", 1, limits, Limits())
+
+    try:
+        assert (await guarded.admit(ask())).allowed
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        wave = await asyncio.gather(*(guarded.admit(ask()) for _ in range(40)))
+        assert all(a == UNLIMITED for a in wave)  # fail-open: admitted without limits
+        assert guarded.degraded_admissions == 40
+        assert not guarded.breaker_open  # 40 timeouts of one moment: one failure
+        await guarded.admit(ask())
+        assert not guarded.breaker_open  # two
+        await guarded.admit(ask())
+        assert guarded.breaker_open  # three waves in a row: Redis is really gone
+    finally:
+        if own_redis.proc is not None:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        await guarded.close()
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import contextlib
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio
 import redis.exceptions
+import uvloop
 
 from tail_service.clients.redis_pipe import PipelinedRedis, Script
 from tail_service.redis_embedded import EmbeddedRedis, redis_server_binary, terminate
@@ -228,3 +230,37 @@ async def test_rediss_with_client_certificates(
         finally:
             for p in (good, untrusting, stranger):
                 await p.close()
+
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_stall_of_this_process_is_not_a_redis_timeout(redis_server: EmbeddedRedis, loop_name: str) -> None:
+    class Stalling(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:  # blocks past the deadline, like a GC pause
+            time.sleep(0.15)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        p = PipelinedRedis(redis_server.url())
+        a, b = socket.socketpair()
+        transport, _ = await loop.connect_accepted_socket(Stalling, a)
+        try:
+            await p.execute("PING")
+            # Redis answers after 20 ms, in the middle of a 150 ms stall of this process
+            # that starts right after the command is written
+            call = asyncio.ensure_future(p.execute("DEBUG", "SLEEP", "0.02", timeout=0.05))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            b.send(b"x")
+            assert await call == b"OK"  # the reply was there: no TimeoutError
+            with pytest.raises(TimeoutError):
+                await p.execute("BLPOP", "never", "1", timeout=0.05)
+        finally:
+            transport.close()
+            b.close()
+            await p.close()
+
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(scenario())
