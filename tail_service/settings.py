@@ -64,6 +64,10 @@ class ModelEntry(_Frozen):
     rpm: int = Field(default=0, ge=0)
     tpm: int = Field(default=0, ge=0)
     max_concurrency: int = Field(default=0, ge=0)
+    #: limits of this model for all API keys together (its capacity; 0: none)
+    total_rpm: int = Field(default=0, ge=0)
+    total_tpm: int = Field(default=0, ge=0)
+    total_max_concurrency: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> ModelEntry:

@@ -10,12 +10,14 @@ for: it is pipelined with the next admission through the same connection (or sen
 within ``settle_delay``), so under load a request costs one round trip, not two.
 
 Key layout (version ``v2``; every key of one API key shares the hash tag ``{<subject>}``,
-so one script only touches one Redis Cluster slot)::
+so one script only touches one Redis Cluster slot; a model's bucket for all keys together
+has the tag ``{<model>}`` and is asked by a second script call in the same write)::
 
     tail:rl:v2:{<subject>}:log          ZSET  "<id>|<tokens>" -> admitted at (ms)
     tail:rl:v2:{<subject>}:total        STRING the tokens of the log's members
     tail:rl:v2:{<subject>}:conc         ZSET  request id -> lease expiry (ms)
     tail:rl:v2:{<subject>}:m:<model>:log  ... the same three for the key's use of one model
+    tail:rl:v2:total:{<model>}:log      ... the same three for one model over all keys
 
 ``%``, ``{`` and ``}`` in the subject are percent-encoded so the hash tag is exactly the
 subject. Window keys expire 61 s after their last write and lease keys ``lease_ttl_ms +
@@ -25,8 +27,11 @@ subject. Window keys expire 61 s after their last write and lease keys ``lease_t
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from importlib import resources
+from typing import cast
 
 from tail_service.clients.redis_pipe import PipelinedRedis, Reply, Script
 from tail_service.core.ratelimit import (
@@ -35,7 +40,9 @@ from tail_service.core.ratelimit import (
     WINDOW_MS,
     Admission,
     AdmissionRequest,
+    Limits,
     Priority,
+    combine,
 )
 
 #: prefix of every key this limiter writes (bump the version when the layout changes)
@@ -44,6 +51,9 @@ KEY_PREFIX = "tail:rl:v2:"
 BUCKET_SUFFIXES: tuple[str, ...] = ("log", "total", "conc")
 #: how many (subject, model) key tuples are kept ready
 _KEY_CACHE_SIZE = 4096
+_NONE = Limits()
+
+log = logging.getLogger("tail_service.clients.ratelimit_redis")
 
 #: called with the request, its used tokens and the error when a settlement failed
 SettleFailure = Callable[[AdmissionRequest, "int | None", BaseException], None]
@@ -64,6 +74,11 @@ def bucket_keys(subject: str, model: str | None = None) -> tuple[str, ...]:
     """
     base = KEY_PREFIX + hash_tag(subject) + ":" + ("" if model is None else f"m:{model}:")
     return tuple(base + suffix for suffix in BUCKET_SUFFIXES)
+
+
+def total_bucket_keys(model: str) -> tuple[str, ...]:
+    """The three keys of ``model``'s bucket for all API keys together (hash tag ``{model}``)."""
+    return tuple(f"{KEY_PREFIX}total:{hash_tag(model)}:{suffix}" for suffix in BUCKET_SUFFIXES)
 
 
 def _read_script(name: str) -> Script:
@@ -130,59 +145,87 @@ class RedisRateLimiter:
             keys = self._keys[cache_key] = bucket_keys(req.subject) + bucket_keys(req.subject, req.model)
         return keys
 
-    async def admit(self, req: AdmissionRequest, *, timeout: float | None = None) -> Admission:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
-        """Admit or reject ``req`` in one round trip; without any limit, admit without I/O.
+    def _total_keys_of(self, model: str) -> tuple[str, ...]:
+        """The model-wide bucket, twice (the scripts take two buckets of one slot; the second
+        is given no limits)."""
+        cache_key = ("", model)  # no API key id is empty
+        keys = self._keys.get(cache_key)
+        if keys is None:
+            keys = self._keys[cache_key] = total_bucket_keys(model) * 2
+        return keys
 
-        A rejection records nothing (expired entries are still purged). ``timeout``:
-        seconds until :class:`TimeoutError`.
-        """
-        if not req.limited:
-            return UNLIMITED
-        k, m = req.key_limits, req.model_limits
-        args = (
+    def _admit_args(self, req: AdmissionRequest, first: Limits, second: Limits) -> tuple[str | int, ...]:
+        return (
             WINDOW_MS,
             req.request_id,
             req.tokens,
             self.lease_ttl_ms,
             self._headroom_ppm,
             1 if req.priority is Priority.BATCH else 0,
-            k.rpm,
-            k.tpm,
-            k.max_concurrency,
-            m.rpm,
-            m.tpm,
-            m.max_concurrency,
-        )
-        raw = await self._client.evalsha(self._admit, self._keys_of(req), args, timeout=timeout)
-        allowed, reason, lr, rr, resr, lt, rt, rest, retry = raw
-        return Admission(
-            allowed=allowed == 1,
-            reason=None if allowed == 1 else REASONS[reason - 1],
-            limit_requests=lr,
-            remaining_requests=rr,
-            reset_requests_ms=resr,
-            limit_tokens=lt,
-            remaining_tokens=rt,
-            reset_tokens_ms=rest,
-            retry_after_ms=0 if allowed == 1 else retry,
+            first.rpm,
+            first.tpm,
+            first.max_concurrency,
+            second.rpm,
+            second.tpm,
+            second.max_concurrency,
         )
 
-    def _settle_call(
+    async def admit(self, req: AdmissionRequest, *, timeout: float | None = None) -> Admission:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
+        """Admit or reject ``req`` in one round trip; without any limit, admit without I/O.
+
+        A rejection records nothing (expired entries are still purged). ``timeout``:
+        seconds until :class:`TimeoutError`.
+
+        The model-wide limits live in a bucket of their own (another Cluster slot), asked
+        by a second script call in the same write, so still one round trip. When one bucket
+        admits and the other refuses, the admission is undone in the bucket that admitted
+        (sent at once, applied before anything this process sends later); meanwhile, for
+        that one round trip, it holds capacity there that another request may be refused.
+        """
+        if not req.limited:
+            return UNLIMITED
+        calls = []
+        own = req.key_limits.any or req.model_limits.any
+        if own:
+            args = self._admit_args(req, req.key_limits, req.model_limits)
+            calls.append(self._client.evalsha(self._admit, self._keys_of(req), args, timeout=timeout))
+        if req.total_limits.any:
+            args = self._admit_args(req, req.total_limits, _NONE)
+            calls.append(
+                self._client.evalsha(self._admit, self._total_keys_of(req.model), args, timeout=timeout)
+            )
+        if len(calls) == 1:
+            return _answer(await calls[0], offset=0 if own else 6)
+        raw_own, raw_total = await asyncio.gather(*calls, return_exceptions=True)
+        if isinstance(raw_own, BaseException) or isinstance(raw_total, BaseException):
+            # an admission that may have happened is given back by the caller's failure path
+            raise raw_own if isinstance(raw_own, BaseException) else cast(BaseException, raw_total)
+        mine, total = _answer(raw_own, offset=0), _answer(raw_total, offset=6)
+        if mine.allowed != total.allowed:
+            self._cancel(req, own=mine.allowed)
+        return combine(mine, total)
+
+    def _cancel(self, req: AdmissionRequest, *, own: bool) -> None:
+        """Undo the admission of ``req`` in its own buckets (``own``) or in the model-wide one."""
+        keys = self._keys_of(req) if own else self._total_keys_of(req.model)
+        args = (req.request_id, req.tokens, "cancel", 0, 0, 0, 0)
+        self._client.submit_script(self._settle, keys, args, _log_failure)
+
+    def _settle_calls(
         self, req: AdmissionRequest, used_tokens: int | None
-    ) -> tuple[tuple[str, ...], tuple[str | int, ...]] | None:
+    ) -> list[tuple[tuple[str, ...], tuple[str | int, ...]]]:
         if used_tokens is not None and used_tokens < 0:
             raise ValueError(f"used_tokens must not be negative: {used_tokens}")
-        k, m = req.key_limits, req.model_limits
+        used: str | int = "" if used_tokens is None else used_tokens
+        calls = []
+        k, m, t = req.key_limits, req.model_limits, req.total_limits
         flags = (k.tpm > 0, k.max_concurrency > 0, m.tpm > 0, m.max_concurrency > 0)
-        if not any(flags):
-            return None
-        args = (
-            req.request_id,
-            req.tokens,
-            "" if used_tokens is None else used_tokens,
-            *(int(f) for f in flags),
-        )
-        return self._keys_of(req), args
+        if any(flags):
+            calls.append((self._keys_of(req), (req.request_id, req.tokens, used, *(int(f) for f in flags))))
+        if t.tpm or t.max_concurrency:
+            args = (req.request_id, req.tokens, used, int(t.tpm > 0), int(t.max_concurrency > 0), 0, 0)
+            calls.append((self._total_keys_of(req.model), args))
+        return calls
 
     async def settle(
         self,
@@ -197,9 +240,8 @@ class RedisRateLimiter:
         Idempotent: once a request is settled, later calls change nothing. An entry that
         already left the window is not touched.
         """
-        call = self._settle_call(req, used_tokens)
-        if call is not None:
-            await self._client.evalsha(self._settle, *call, timeout=timeout)
+        calls = self._settle_calls(req, used_tokens)
+        await asyncio.gather(*(self._client.evalsha(self._settle, *c, timeout=timeout) for c in calls))
 
     def settle_later(
         self, req: AdmissionRequest, *, used_tokens: int | None, on_error: SettleFailure
@@ -208,12 +250,32 @@ class RedisRateLimiter:
 
         ``on_error`` hears of a failure (Redis down, an error reply).
         """
-        call = self._settle_call(req, used_tokens)
-        if call is None:
-            return
 
         def done(reply: Reply) -> None:
             if isinstance(reply, BaseException):
                 on_error(req, used_tokens, reply)
 
-        self._client.submit_script(self._settle, *call, done, delay=self.settle_delay)
+        for keys, args in self._settle_calls(req, used_tokens):
+            self._client.submit_script(self._settle, keys, args, done, delay=self.settle_delay)
+
+
+def _answer(raw: Reply, *, offset: int) -> Admission:
+    """An admit script's reply; ``offset`` 6 names reasons as the model-wide ones."""
+    allowed, reason, lr, rr, resr, lt, rt, rest, retry = raw
+    ok = allowed == 1
+    return Admission(
+        allowed=ok,
+        reason=None if ok else REASONS[offset + reason - 1],
+        limit_requests=lr,
+        remaining_requests=rr,
+        reset_requests_ms=resr,
+        limit_tokens=lt,
+        remaining_tokens=rt,
+        reset_tokens_ms=rest,
+        retry_after_ms=0 if ok else retry,
+    )
+
+
+def _log_failure(reply: Reply) -> None:
+    if isinstance(reply, BaseException):  # the entry then ages out of the window by itself
+        log.warning("undoing a refused admission failed: %s", type(reply).__name__)

@@ -82,10 +82,10 @@ class Admitter:
         """
         p = req.principal
         key_limits = Limits(p.rpm, p.tpm, p.max_concurrency)
-        model_limits = self._router.model_limits(req.model)
-        if not (key_limits.any or model_limits.any):
+        model_limits, total_limits = self._router.model_limits(req.model)
+        if not (key_limits.any or model_limits.any or total_limits.any):
             return None
-        tokens = self._reserve(req) if (key_limits.tpm or model_limits.tpm) else 0
+        tokens = self._reserve(req) if (key_limits.tpm or model_limits.tpm or total_limits.tpm) else 0
         ask = AdmissionRequest(
             subject=p.key_id,
             request_id=self._id_prefix + str(next(self._ids)),
@@ -94,12 +94,13 @@ class Admitter:
             key_limits=key_limits,
             model_limits=model_limits,
             priority=priority,
+            total_limits=total_limits,
         )
         answer = await self._limiter.admit(ask)
         headers = ratelimit_headers(answer)
         req.reply_headers.update(headers)
         if not answer.allowed:
-            kind = TokenRateLimitError if answer.reason in ("tokens", "model_tokens") else RateLimitError
+            kind = TokenRateLimitError if (answer.reason or "").endswith("tokens") else RateLimitError
             raise kind(
                 rate_limit_message(answer, ask),
                 retry_after=answer.retry_after_ms / 1000,

@@ -1,8 +1,8 @@
 """Rate limiting: what a limiter is asked, what it answers, and how the answer is shown.
 
 Pure: no I/O here. A :class:`RateLimiter` (``clients/ratelimit_redis.py`` is the shared
-one) admits or rejects a request against the limits of its API key and of the key's use
-of one model, over a sliding window of one minute:
+one) admits or rejects a request against the limits of its API key, of the key's use of
+one model, and of that model over all keys together, over a sliding window of one minute:
 
 - requests per minute (``rpm``): admissions in the last 60 s;
 - tokens per minute (``tpm``): tokens reserved up front by admissions in the last 60 s,
@@ -31,6 +31,9 @@ REASONS: tuple[str, ...] = (
     "model_requests",
     "model_tokens",
     "model_concurrency",
+    "total_requests",
+    "total_tokens",
+    "total_concurrency",
 )
 
 
@@ -83,6 +86,8 @@ class AdmissionRequest:
     #: limits from config, applied per key per model
     model_limits: Limits
     priority: Priority = Priority.INTERACTIVE
+    #: limits from config for the model over all keys together (its capacity)
+    total_limits: Limits = Limits()
 
     def __post_init__(self) -> None:
         if not self.subject:
@@ -93,7 +98,7 @@ class AdmissionRequest:
     @property
     def limited(self) -> bool:
         """Whether any limit applies at all (if not, a limiter admits without I/O)."""
-        return self.key_limits.any or self.model_limits.any
+        return self.key_limits.any or self.model_limits.any or self.total_limits.any
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,11 +182,18 @@ def rate_limit_message(a: Admission, req: AdmissionRequest) -> str:
         if req.priority is Priority.BATCH
         else ""
     )
+    everyone = " (all API keys together)" if reason.startswith("total_") else ""
     if reason.endswith("concurrency"):
-        scoped = reason.startswith("model_")
-        limit = (req.model_limits if scoped else req.key_limits).max_concurrency
-        where = f"this API key on {req.model}" if scoped else "this API key"
-        return f"Too many concurrent requests for {where}: Limit {limit} in flight. {retry}{batch_note}"
+        scope = reason.split("_")[0]
+        limits = {"model": req.model_limits, "total": req.total_limits}.get(scope, req.key_limits)
+        where = {
+            "model": f"this API key on {req.model}",
+            "total": f"{req.model} (all API keys together)",
+        }.get(scope, "this API key")
+        return (
+            f"Too many concurrent requests for {where}: Limit {limits.max_concurrency} in flight. "
+            f"{retry}{batch_note}"
+        )
     if reason.endswith("tokens"):
         limit, used, requested = a.limit_tokens, a.limit_tokens - a.remaining_tokens, req.tokens
         if requested > limit:
@@ -195,8 +207,39 @@ def rate_limit_message(a: Admission, req: AdmissionRequest) -> str:
         limit, used, requested = a.limit_requests, a.limit_requests - a.remaining_requests, 1
         kind = "requests per min (RPM)"
     return (
-        f"Rate limit reached for {req.model} on {kind}: Limit {limit}, Used {used}, "
+        f"Rate limit reached for {req.model}{everyone} on {kind}: Limit {limit}, Used {used}, "
         f"Requested {requested}. {retry}{batch_note}"
+    )
+
+
+def combine(first: Admission, second: Admission) -> Admission:
+    """One answer from two limiters' answers on the same request (all limits must pass).
+
+    The reason and the retry time are the first rejection's (the longest retry when both
+    reject). For each kind, the headers describe the rejecting limit when it is of that
+    kind, otherwise the one with the least remaining (then the smaller limit).
+    """
+    allowed = first.allowed and second.allowed
+    rejecting = [a for a in (first, second) if not a.allowed]
+    reason = rejecting[0].reason if rejecting else None
+
+    def pick(kind: str) -> Admission:
+        if rejecting and reason is not None and reason.endswith(kind):
+            return rejecting[0]
+        present = [a for a in (first, second) if getattr(a, f"limit_{kind}") > 0] or [first]
+        return min(present, key=lambda a: (getattr(a, f"remaining_{kind}"), getattr(a, f"limit_{kind}")))
+
+    req, tok = pick("requests"), pick("tokens")
+    return Admission(
+        allowed=allowed,
+        reason=reason,
+        limit_requests=req.limit_requests,
+        remaining_requests=req.remaining_requests,
+        reset_requests_ms=req.reset_requests_ms,
+        limit_tokens=tok.limit_tokens,
+        remaining_tokens=tok.remaining_tokens,
+        reset_tokens_ms=tok.reset_tokens_ms,
+        retry_after_ms=max((a.retry_after_ms for a in rejecting), default=0),
     )
 
 

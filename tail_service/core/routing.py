@@ -23,6 +23,9 @@ _ENDPOINT_PATHS = {
 }
 
 
+_NO_LIMITS = (Limits(), Limits())
+
+
 @dataclass(slots=True)
 class DeploymentHealth:
     """Failure bookkeeping for one deployment (monotonic seconds)."""
@@ -53,18 +56,26 @@ class ModelRouter:
         self._health = {d.id: DeploymentHealth() for deps in self._by_model.values() for d in deps}
         self._monotonic = monotonic
         self._rng = rng or random.Random()
+        self._limits: dict[str, tuple[Limits, Limits]] = {}
 
     def models(self) -> list[tuple[str, str]]:
         """Public model ids with their ``owned_by``, in config order."""
         return [(name, deps[0].owned_by) for name, deps in self._by_model.items()]
 
-    def model_limits(self, model: str) -> Limits:
-        """The per-key limits configured for ``model`` (its first deployment's), or none."""
-        deps = self._by_model.get(model)
-        if not deps:
-            return Limits()
-        d = deps[0]
-        return Limits(d.rpm, d.tpm, d.max_concurrency)
+    def model_limits(self, model: str) -> tuple[Limits, Limits]:
+        """The limits configured for ``model`` (its first deployment's): per key, and for all
+        keys together; none for an unknown model."""
+        limits = self._limits.get(model)
+        if limits is None:
+            deps = self._by_model.get(model)
+            if not deps:
+                return _NO_LIMITS
+            d = deps[0]
+            limits = self._limits[model] = (
+                Limits(d.rpm, d.tpm, d.max_concurrency),
+                Limits(d.total_rpm, d.total_tpm, d.total_max_concurrency),
+            )
+        return limits
 
     def has_model(self, model: str) -> bool:
         return model in self._by_model

@@ -66,6 +66,10 @@ class Deployment:
     rpm: int = 0
     tpm: int = 0
     max_concurrency: int = 0
+    #: the same, for all keys together
+    total_rpm: int = 0
+    total_tpm: int = 0
+    total_max_concurrency: int = 0
 
 
 @dataclass(frozen=True, slots=True)

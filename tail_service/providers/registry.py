@@ -59,6 +59,9 @@ def build_deployments(entries: Iterable[ModelEntry]) -> list[Deployment]:
                 rpm=e.rpm,
                 tpm=e.tpm,
                 max_concurrency=e.max_concurrency,
+                total_rpm=e.total_rpm,
+                total_tpm=e.total_tpm,
+                total_max_concurrency=e.total_max_concurrency,
                 credential=(
                     f"env:{e.api_key_env}"
                     if e.api_key_env

@@ -524,11 +524,15 @@ def test_ratelimit_headers_on_sequential_calls(
         assert exc.value.response.headers["x-ratelimit-remaining-requests"] == "0"
 
 
-def test_no_headers_without_limits_and_model_limits_apply_per_key(
+def test_no_headers_without_limits_model_limits_per_key_and_for_all_keys(
     stack: Stack, upstream: FakeOpenAI, upstream_key: str, redis_server: EmbeddedRedis
 ) -> None:
     settings = stack.gateway_settings(
-        [model_entry(MODEL, upstream, max_retries=0), model_entry("gpt-limited", upstream, rpm=2)],
+        [
+            model_entry(MODEL, upstream, max_retries=0),
+            model_entry("gpt-limited", upstream, rpm=2),
+            model_entry("gpt-shared", upstream, total_rpm=3),
+        ],
         ratelimit={"enabled": True},
         redis={"url": redis_server.url(), "timeout": 1},
     )
@@ -556,6 +560,19 @@ def test_no_headers_without_limits_and_model_limits_apply_per_key(
             raw = client.chat.completions.with_raw_response.create(**chat_body())
             assert raw.status_code == 200
             assert not ratelimit_headers(raw.headers)
+        # a model-wide limit is shared by every key: 3 calls in all, then a 429 for anyone
+        shared = chat_body(model="gpt-shared")
+        for key, remaining in ((first, "2"), (second, "1"), (first, "0")):
+            raw = sdk(app.base_url, key).chat.completions.with_raw_response.create(**shared)
+            assert raw.headers["x-ratelimit-limit-requests"] == "3"
+            assert raw.headers["x-ratelimit-remaining-requests"] == remaining
+        for key in (first, second, unlimited):
+            with pytest.raises(openai.RateLimitError) as exc:
+                sdk(app.base_url, key).chat.completions.create(**shared)
+            assert_rate_limited(exc.value)
+            assert "gpt-shared (all API keys together) on requests per min (RPM): Limit 3, Used 3" in (
+                exc.value.message
+            )
 
 
 # --------------------------------------------------------------------------------- Redis down

@@ -13,7 +13,7 @@ import redis.asyncio
 import redis.exceptions
 from redis.crc import key_slot
 
-from tail_service.clients.ratelimit_redis import RedisRateLimiter, bucket_keys, hash_tag
+from tail_service.clients.ratelimit_redis import RedisRateLimiter, bucket_keys, hash_tag, total_bucket_keys
 from tail_service.clients.redis_pipe import PipelinedRedis
 from tail_service.core.ratelimit import (
     UNLIMITED,
@@ -67,12 +67,13 @@ def req(
     key: Limits = NONE,
     model: Limits = NONE,
     *,
+    total: Limits = NONE,
     tokens: int = 1,
     subject: str = "key-1",
     model_name: str = "gpt-x",
     priority: Priority = Priority.INTERACTIVE,
 ) -> AdmissionRequest:
-    return AdmissionRequest(subject, f"r{next(_ids)}", model_name, tokens, key, model, priority)
+    return AdmissionRequest(subject, f"r{next(_ids)}", model_name, tokens, key, model, priority, total)
 
 
 async def burst(limiters: list[RedisRateLimiter], reqs: list[AdmissionRequest]) -> list[Admission]:
@@ -390,3 +391,54 @@ async def test_a_request_id_with_the_separator_is_parsed_from_the_end(limiter: R
     await limiter.settle(odd, used_tokens=10)
     a = await limiter.admit(req(key, tokens=90))
     assert a.allowed and a.remaining_tokens == 0
+
+
+async def test_model_wide_limits_are_exact_across_keys_and_replicas(
+    clients: list[redis.asyncio.Redis], pipes: list[PipelinedRedis]
+) -> None:
+    limiters = [RedisRateLimiter(p) for p in pipes]
+    total = Limits(rpm=30, tpm=10_000, max_concurrency=40)
+    reqs = [req(total=total, subject=f"key-{i % 7}", tokens=10) for i in range(120)]
+    results = await burst(limiters, reqs)
+    assert sum(a.allowed for a in results) == 30
+    refused = [a for a in results if not a.allowed]
+    assert {a.reason for a in refused} == {"total_requests"}
+    assert "(all API keys together)" in rate_limit_message(refused[0], reqs[0])
+    log, tot, conc = total_bucket_keys("gpt-x")
+    assert await clients[0].zcard(log) == 30
+    assert int(await clients[0].get(tot) or 0) == 300
+    assert await clients[0].zcard(conc) == 30
+    assert len({key_slot(k.encode()) for k in (log, tot, conc)}) == 1
+    # settling frees the model-wide slots and corrects the tokens
+    admitted = [r for r, a in zip(reqs, results, strict=True) if a.allowed]
+    for r in admitted:
+        await limiters[1].settle(r, used_tokens=4)
+    assert await clients[0].zcard(conc) == 0
+    assert int(await clients[0].get(tot) or 0) == 120
+
+
+async def test_a_refusal_by_one_side_undoes_the_other(
+    clients: list[redis.asyncio.Redis], limiter: RedisRateLimiter
+) -> None:
+    # the key refuses: the model-wide bucket must not keep the request
+    key, total = Limits(rpm=2, max_concurrency=5), Limits(rpm=100, tpm=1000, max_concurrency=100)
+    results = [await limiter.admit(req(key, total=total, tokens=10)) for _ in range(5)]
+    assert [a.allowed for a in results] == [True, True, False, False, False]
+    assert results[2].reason == "requests" and results[2].limit_requests == 2
+    await limiter.drain()  # the undo was sent right after the answer
+    log, tot, conc = total_bucket_keys("gpt-x")
+    assert await clients[0].zcard(log) == 2
+    assert int(await clients[0].get(tot) or 0) == 20
+    assert await clients[0].zcard(conc) == 2
+    # the model-wide bucket refuses: the key's own buckets must not keep it
+    tight, roomy = Limits(tpm=25), Limits(rpm=5, max_concurrency=5)
+    other = [
+        await limiter.admit(req(roomy, total=tight, tokens=10, subject="key-2", model_name="gpt-y"))
+        for _ in range(3)
+    ]
+    assert [a.allowed for a in other] == [True, True, False]
+    assert other[2].reason == "total_tokens" and other[2].limit_tokens == 25
+    await limiter.drain()
+    own_log, _, own_conc = bucket_keys("key-2")
+    assert await clients[0].zcard(own_log) == 2
+    assert await clients[0].zcard(own_conc) == 2

@@ -14,6 +14,7 @@ from tail_service.core.ratelimit import (
     AdmissionRequest,
     Limits,
     Priority,
+    combine,
     format_duration,
     rate_limit_message,
     ratelimit_headers,
@@ -58,9 +59,10 @@ def _adm(**kw: Any) -> Admission:
 
 
 def _req(tokens: int = 1, priority: Priority = Priority.INTERACTIVE, **limits: int) -> AdmissionRequest:
-    key = Limits(**{k: v for k, v in limits.items() if not k.startswith("m_")})
+    key = Limits(**{k: v for k, v in limits.items() if not k.startswith(("m_", "t_"))})
     model = Limits(**{k[2:]: v for k, v in limits.items() if k.startswith("m_")})
-    return AdmissionRequest("key1", "req1", "gpt-x", tokens, key, model, priority)
+    total = Limits(**{k[2:]: v for k, v in limits.items() if k.startswith("t_")})
+    return AdmissionRequest("key1", "req1", "gpt-x", tokens, key, model, priority, total)
 
 
 def test_headers_for_both_kinds() -> None:
@@ -148,3 +150,42 @@ def test_invalid_values_are_refused() -> None:
         AdmissionRequest("k", "r", "m", -1, Limits(rpm=1), Limits())
     assert not AdmissionRequest("k", "r", "m", 0, Limits(), Limits()).limited
     assert AdmissionRequest("k", "r", "m", 0, Limits(), Limits(max_concurrency=1)).limited
+
+
+def test_model_wide_messages_say_all_keys() -> None:
+    a = _adm(
+        allowed=False, reason="total_requests", limit_requests=10, remaining_requests=0, retry_after_ms=900
+    )
+    assert rate_limit_message(a, _req(t_rpm=10)) == (
+        "Rate limit reached for gpt-x (all API keys together) on requests per min (RPM): Limit 10, "
+        "Used 10, Requested 1. Please try again in 900ms."
+    )
+    c = _adm(allowed=False, reason="total_concurrency", retry_after_ms=1000)
+    assert rate_limit_message(c, _req(t_max_concurrency=8)).startswith(
+        "Too many concurrent requests for gpt-x (all API keys together): Limit 8 in flight."
+    )
+
+
+def test_combine_reports_the_rejection_and_the_tightest_limits() -> None:
+    key_ok = _adm(limit_requests=100, remaining_requests=40, reset_requests_ms=60_000, limit_tokens=0)
+    total_ok = _adm(
+        limit_requests=1000,
+        remaining_requests=5,
+        reset_requests_ms=60_000,
+        limit_tokens=9000,
+        remaining_tokens=800,
+        reset_tokens_ms=60_000,
+    )
+    both = combine(key_ok, total_ok)
+    assert both.allowed and both.reason is None and both.retry_after_ms == 0
+    assert (both.limit_requests, both.remaining_requests) == (1000, 5)  # the least remaining
+    assert (both.limit_tokens, both.remaining_tokens) == (9000, 800)  # the only token limit
+    refused = replace(total_ok, allowed=False, reason="total_tokens", remaining_tokens=10, retry_after_ms=700)
+    r = combine(key_ok, refused)
+    assert not r.allowed and r.reason == "total_tokens" and r.retry_after_ms == 700
+    assert (r.limit_tokens, r.remaining_tokens) == (9000, 10)
+    key_refused = replace(key_ok, allowed=False, reason="requests", remaining_requests=0, retry_after_ms=300)
+    r2 = combine(key_refused, refused)
+    assert r2.reason == "requests" and r2.retry_after_ms == 700  # the first reason, the longest wait
+    assert (r2.limit_requests, r2.remaining_requests) == (100, 0)
+    assert combine(UNLIMITED, UNLIMITED) == UNLIMITED
