@@ -162,6 +162,10 @@ class GuardedLimiter:
             log.warning("redis not reachable at start-up: %s", type(exc).__name__)
 
     async def health(self) -> dict[str, Any]:
-        if self.breaker_open:
-            return {"status": "degraded", "breaker": "open", "failure_mode": self._settings.failure_mode}
-        return {"status": "ok", "breaker": "closed", "failure_mode": self._settings.failure_mode}
+        return {
+            "status": "degraded" if self.breaker_open else "ok",
+            "breaker": "open" if self.breaker_open else "closed",
+            "failure_mode": self._settings.failure_mode,
+            # settlements waiting for Redis to come back (a slot each, at most)
+            "pending_releases": len(self._releases),
+        }

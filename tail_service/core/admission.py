@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 from tail_service.core.ratelimit import (
+    UNLIMITED,
     AdmissionRequest,
     Limits,
     Priority,
@@ -97,6 +98,8 @@ class Admitter:
             total_limits=total_limits,
         )
         answer = await self._limiter.admit(ask)
+        if answer is UNLIMITED:  # admitted without being recorded: nothing to settle
+            return None
         headers = ratelimit_headers(answer)
         req.reply_headers.update(headers)
         if not answer.allowed:

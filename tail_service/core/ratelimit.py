@@ -125,7 +125,8 @@ class Admission:
     retry_after_ms: int = 0
 
 
-#: the answer when no limit applies
+#: the answer when no limit applies, or when the limiter let a request in without recording
+#: it (Redis down, failing open): this very object means there is nothing to settle
 UNLIMITED = Admission(True, None, 0, 0, 0, 0, 0, 0, 0)
 
 
