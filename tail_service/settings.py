@@ -182,6 +182,8 @@ class RedisSettings(_Frozen):
 
     #: ``redis://host:6379/0``, ``rediss://...`` or ``unix:///path``; ``up`` starts its own
     url: str | None = None
+    #: ``url`` is one node of a Redis Cluster (the limiter routes by slot, follows MOVED/ASK)
+    cluster: bool = False
     #: seconds one admission may wait for Redis before the failure policy applies
     timeout: float = Field(default=0.05, gt=0)
     #: when Redis cannot answer: ``open`` admits without limits, ``closed`` answers 503

@@ -276,6 +276,11 @@ class PipelinedRedis:
 
         self.submit(("EVALSHA", script.sha, len(keys), *keys, *args), on_reply, delay=delay)
 
+    async def barrier(self, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
+        """Return once every command sent so far is answered (Redis answers in order, so the
+        reply to one more command is that moment)."""
+        await self.execute("PING", timeout=timeout)
+
     async def load(self, script: Script) -> None:
         """``SCRIPT LOAD`` (so the first call needs no fallback)."""
         await self.execute("SCRIPT", "LOAD", script.body)

@@ -17,10 +17,14 @@ from redis.exceptions import RedisError
 log = logging.getLogger("tail_service.clients.cache")
 
 
+#: a single server or a cluster (the cache does single-key GET/SET only)
+AnyRedis = redis.asyncio.Redis | redis.asyncio.RedisCluster
+
+
 class RedisResponseCache:
     """:class:`~tail_service.core.cache.ResponseCache` on a shared Redis."""
 
-    def __init__(self, client: redis.asyncio.Redis, *, timeout: float) -> None:
+    def __init__(self, client: AnyRedis, *, timeout: float) -> None:
         self._client = client
         self._timeout = timeout
 
