@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-import redis.asyncio
 import redis.exceptions
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -35,10 +34,10 @@ from tail_service.api.routes import ROUTES
 from tail_service.clients.admission import GuardedLimiter
 from tail_service.clients.auth import AuthClient, NoAuth
 from tail_service.clients.grpc_channel import ReloadingChannel
-from tail_service.clients.ratelimit_redis import LimiterRedis, RedisRateLimiter
+from tail_service.clients.ratelimit_redis import RedisRateLimiter
 from tail_service.clients.redis_cluster import ClusterPipelinedRedis
-from tail_service.clients.redis_pipe import PipelinedRedis
-from tail_service.clients.response_cache import AnyRedis, RedisResponseCache
+from tail_service.clients.redis_pipe import PipelinedRedis, SharedRedis
+from tail_service.clients.response_cache import RedisResponseCache
 from tail_service.clients.secrets import SecretsClient
 from tail_service.core.admission import Admitter
 from tail_service.core.inference import InferenceService
@@ -164,30 +163,28 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         if limiter is not None:
             await limiter.close()
         if redis_client is not None:
-            await redis_client.aclose()
+            await redis_client.close()
 
 
-def _limiter(settings: Settings) -> tuple[AnyRedis | None, GuardedLimiter | None]:
-    """The Redis client (when configured) and the limiter (when rate limiting is on)."""
+def _limiter(settings: Settings) -> tuple[SharedRedis | None, GuardedLimiter | None]:
+    """The Redis client (when configured) and the limiter (when rate limiting is on).
+
+    One auto-pipelined client (per node, on a cluster) carries admissions, settlements,
+    cache lookups and health pings, so a request's admission and cache lookup leave in one
+    write.
+    """
     if not settings.redis.url:
         return None, None
     connect_timeout = max(settings.redis.timeout, 0.5)
-    client: AnyRedis
-    limiter_client: LimiterRedis
+    client: SharedRedis
     if settings.redis.cluster:
-        client = redis.asyncio.RedisCluster.from_url(
-            settings.redis.url, socket_connect_timeout=connect_timeout
-        )
-        limiter_client = ClusterPipelinedRedis(settings.redis.url, connect_timeout=connect_timeout)
+        client = ClusterPipelinedRedis(settings.redis.url, connect_timeout=connect_timeout)
     else:
-        client = redis.asyncio.Redis.from_url(
-            settings.redis.url, socket_connect_timeout=connect_timeout, health_check_interval=30
-        )
-        limiter_client = PipelinedRedis(settings.redis.url, connect_timeout=connect_timeout)
+        client = PipelinedRedis(settings.redis.url, connect_timeout=connect_timeout)
     if not settings.ratelimit.enabled:
         return client, None
     inner = RedisRateLimiter(
-        limiter_client,
+        client,
         lease_ttl_ms=int(settings.ratelimit.lease_ttl * 1000),
         batch_headroom=settings.ratelimit.batch_headroom,
     )
@@ -195,13 +192,12 @@ def _limiter(settings: Settings) -> tuple[AnyRedis | None, GuardedLimiter | None
 
 
 def _redis_health(
-    client: AnyRedis, limiter: GuardedLimiter | None
+    client: SharedRedis, limiter: GuardedLimiter | None
 ) -> Callable[[], Awaitable[dict[str, Any]]]:
     async def check() -> dict[str, Any]:
         state = await limiter.health() if limiter is not None else {"status": "ok"}
         try:
-            async with asyncio.timeout(1.0):
-                await client.ping()
+            await client.barrier(timeout=1.0)
         except (redis.exceptions.RedisError, TimeoutError, OSError) as exc:
             return {**state, "status": "unavailable", "detail": type(exc).__name__}
         return state

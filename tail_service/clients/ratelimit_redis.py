@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib import resources
-from typing import Protocol, cast
+from typing import cast
 
-from tail_service.clients.redis_pipe import Arg, Reply, Script
+from tail_service.clients.redis_pipe import Reply, Script, SharedRedis
 from tail_service.core.ratelimit import (
     REASONS,
     UNLIMITED,
@@ -76,38 +76,6 @@ def bucket_keys(subject: str, model: str | None = None) -> tuple[str, ...]:
     return tuple(base + suffix for suffix in BUCKET_SUFFIXES)
 
 
-class LimiterRedis(Protocol):
-    """What the limiter needs of a Redis client: :class:`PipelinedRedis` for one server,
-    :class:`~tail_service.clients.redis_cluster.ClusterPipelinedRedis` for a cluster."""
-
-    async def evalsha(
-        self,
-        script: Script,
-        keys: Sequence[Arg],
-        args: Sequence[Arg],
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - a deadline, not asyncio.timeout
-    ) -> Reply: ...
-
-    def submit_script(
-        self,
-        script: Script,
-        keys: Sequence[Arg],
-        args: Sequence[Arg],
-        callback: Callable[[Reply], None],
-        *,
-        delay: float = 0.0,
-    ) -> None: ...
-
-    async def load(self, script: Script) -> None: ...
-
-    async def barrier(self, *, timeout: float | None = None) -> None: ...  # noqa: ASYNC109 - a deadline
-
-    def reset(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
 def total_bucket_keys(model: str) -> tuple[str, ...]:
     """The three keys of ``model``'s bucket for all API keys together (hash tag ``{model}``)."""
     return tuple(f"{KEY_PREFIX}total:{hash_tag(model)}:{suffix}" for suffix in BUCKET_SUFFIXES)
@@ -130,7 +98,7 @@ class RedisRateLimiter:
 
     def __init__(
         self,
-        client: LimiterRedis,
+        client: SharedRedis,
         *,
         lease_ttl_ms: int = 600_000,
         batch_headroom: float = 0.1,

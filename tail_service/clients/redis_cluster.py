@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -120,18 +120,13 @@ class ClusterPipelinedRedis:
                 raise RedisConnectionError(f"no cluster node serves slot {slot}")
         return self._node(owner)
 
-    # the limiter's interface (see PipelinedRedis)
-    async def evalsha(
-        self,
-        script: Script,
-        keys: Sequence[Arg],
-        args: Sequence[Arg],
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - a deadline, not asyncio.timeout
-    ) -> Reply:
-        node = await self._node_for(keys)
+    # the limiter's and the cache's interface (see PipelinedRedis)
+    async def _routed(self, key: Arg, call: Callable[[PipelinedRedis], Awaitable[Reply]]) -> Reply:
+        """``call`` on the owner of ``key``'s slot; after ``MOVED`` or ``ASK``, once more
+        on the node the cluster names."""
+        node = await self._node_for((key,))
         try:
-            return await node.evalsha(script, keys, args, timeout=timeout)
+            return await call(node)
         except ResponseError as exc:
             redirect = _redirect(exc)
             if redirect is None:
@@ -142,7 +137,20 @@ class ClusterPipelinedRedis:
             await self.refresh()
         else:
             target.submit(("ASKING",), _ignore)
-        return await target.evalsha(script, keys, args, timeout=timeout)
+        return await call(target)
+
+    async def execute_keyed(self, key: Arg, *args: Arg, timeout: float | None = None) -> Reply:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
+        return await self._routed(key, lambda node: node.execute(*args, timeout=timeout))
+
+    async def evalsha(
+        self,
+        script: Script,
+        keys: Sequence[Arg],
+        args: Sequence[Arg],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a deadline, not asyncio.timeout
+    ) -> Reply:
+        return await self._routed(keys[0], lambda node: node.evalsha(script, keys, args, timeout=timeout))
 
     def submit_script(
         self,

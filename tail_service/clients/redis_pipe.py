@@ -35,7 +35,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import hiredis
 from redis.connection import parse_url
@@ -241,6 +241,10 @@ class PipelinedRedis:
         """Send one command without waiting; ``callback`` gets the reply or the exception."""
         self._send(encode(args), callback, delay)
 
+    async def execute_keyed(self, key: Arg, *args: Arg, timeout: float | None = None) -> Reply:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
+        """:meth:`execute` for a command on ``key`` (one server holds every key)."""
+        return await self.execute(*args, timeout=timeout)
+
     async def evalsha(
         self,
         script: Script,
@@ -349,6 +353,41 @@ class PipelinedRedis:
             with contextlib.suppress(BaseException):  # the connect was cancelled on purpose
                 await self._connecting
         self.reset()
+
+
+class SharedRedis(Protocol):
+    """What the limiter and the response cache need of Redis: :class:`PipelinedRedis` for
+    one server, :class:`~tail_service.clients.redis_cluster.ClusterPipelinedRedis` for a
+    cluster. Commands on keys name their key, so a cluster can route them."""
+
+    async def execute_keyed(self, key: Arg, *args: Arg, timeout: float | None = None) -> Reply: ...  # noqa: ASYNC109 - a deadline
+
+    async def evalsha(
+        self,
+        script: Script,
+        keys: Sequence[Arg],
+        args: Sequence[Arg],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a deadline, not asyncio.timeout
+    ) -> Reply: ...
+
+    def submit_script(
+        self,
+        script: Script,
+        keys: Sequence[Arg],
+        args: Sequence[Arg],
+        callback: Callable[[Reply], None],
+        *,
+        delay: float = 0.0,
+    ) -> None: ...
+
+    async def load(self, script: Script) -> None: ...
+
+    async def barrier(self, *, timeout: float | None = None) -> None: ...  # noqa: ASYNC109 - a deadline
+
+    def reset(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 def _ssl_context(opts: dict[str, Any]) -> ssl.SSLContext:

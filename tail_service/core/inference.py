@@ -132,13 +132,31 @@ class InferenceService:
         self._stores.add(task)
         task.add_done_callback(self._stores.discard)
 
-    async def _admit(self, req: ProxyRequest) -> Ticket | None:
-        """Access, model and rate-limit checks, before anything is sent upstream."""
+    async def _begin(self, req: ProxyRequest) -> tuple[Ticket | None, str | None, dict[str, Any] | None]:
+        """Access and model checks, then admission and the cache lookup, before anything is
+        sent upstream: ``(ticket, key to store under, cached answer)``.
+
+        Admission and lookup are issued together, so they leave for Redis in one write (one
+        round trip). A hit still needs the admission: it counts toward requests per minute.
+        """
         check_model_access(req.principal, req.model)
         self.proxy.router.deployments(req.model, req.endpoint)  # 404 / 400 before admission
         if self._admitter is None:
-            return None
-        return await self._admitter.admit(req)
+            key, hit = await self._cached(req)
+            return None, key, hit
+        if self._cache is None or req.cache_mode == CacheMode.SKIP or not cacheable(req):
+            return await self._admitter.admit(req), None, None
+        admission = asyncio.ensure_future(self._admitter.admit(req))
+        try:
+            key, hit = await self._cached(req)
+        except BaseException:  # e.g. the client went away: settle what gets admitted
+            admission.add_done_callback(self._settle_abandoned)
+            raise
+        return await admission, key, hit
+
+    def _settle_abandoned(self, admission: asyncio.Future[Ticket | None]) -> None:
+        if not admission.cancelled() and admission.exception() is None:
+            self._settle(admission.result(), 0)
 
     def _settle(self, ticket: Ticket | None, used_tokens: int) -> None:
         if self._admitter is not None:
@@ -164,8 +182,7 @@ class InferenceService:
 
     async def complete(self, req: ProxyRequest) -> dict[str, Any]:
         """Non-streaming chat, legacy completion or embeddings."""
-        ticket = await self._admit(req)
-        cache_key_, hit = await self._cached(req)
+        ticket, cache_key_, hit = await self._begin(req)
         if hit is not None:
             # A hit counts toward requests per minute, not toward upstream tokens.
             self._settle(ticket, 0)
@@ -199,8 +216,7 @@ class InferenceService:
         the client asked (``include_usage``), and is synthesised from an offline count
         when the upstream sent none. A usage record is written however the stream ends.
         """
-        ticket = await self._admit(req)
-        cache_key_, hit = await self._cached(req)
+        ticket, cache_key_, hit = await self._begin(req)
         if hit is not None:
             self._settle(ticket, 0)
             self._record(req, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")

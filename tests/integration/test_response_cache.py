@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import openai
 import pytest
@@ -128,3 +133,58 @@ def test_key_policy_and_tenant_isolation_end_to_end(
         assert call(key_a) == "hit"  # the key's policy: no header needed
         assert call(key_b) == "miss"  # same request, other tenant: never A's entry
         assert call(key_b) == "hit"
+
+
+class RedisRelay:
+    """A unix-socket relay in front of a redis-server that keeps every chunk clients send."""
+
+    def __init__(self, target: Path, path: Path) -> None:
+        self.target, self.path = target, path
+        self.chunks: list[bytes] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_unix_connection(str(self.target))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep: bool) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    if keep:
+                        self.chunks.append(data)
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_w, True), pump(up_r, writer, False))
+
+    def __enter__(self) -> RedisRelay:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(
+            asyncio.start_unix_server(self._handle, str(self.path)), self._loop
+        ).result(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def test_admission_and_lookup_leave_in_one_write(
+    make_app: Callable[..., RunningApp], upstream: FakeOpenAI, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    redis.Redis.from_url(redis_server.url()).flushdb()
+    with RedisRelay(redis_server.socket, tmp_path / "relay.sock") as relay:
+        app = make_app(
+            [model_entry("gpt-test", upstream, rpm=1000)],
+            redis={"url": f"unix://{relay.path}", "timeout": 1},
+            ratelimit={"enabled": True},
+        )
+        assert ask(app, "use")[1] == "miss"  # connects, loads the scripts, stores the answer
+        time.sleep(0.2)
+        relay.chunks.clear()
+        _, state, _ = ask(app, "use")
+        assert state == "hit"
+        # the admission script and the cache lookup went out together, in one write
+        first = relay.chunks[0]
+        assert b"EVALSHA" in first and b"\r\nGET\r\n" in first, relay.chunks
