@@ -111,7 +111,7 @@ class ClusterPipelinedRedis:
         raise RedisConnectionError(f"no cluster node answered CLUSTER SLOTS: {type(error).__name__}")
 
     async def _node_for(self, keys: Sequence[Arg]) -> PipelinedRedis:
-        slot = key_slot(keys[0] if isinstance(keys[0], bytes) else str(keys[0]).encode())
+        slot = _slot(keys[0])
         owner = self._owner(slot)
         if owner is None:
             await self.refresh()
@@ -161,8 +161,7 @@ class ClusterPipelinedRedis:
         *,
         delay: float = 0.0,
     ) -> None:
-        slot = key_slot(keys[0] if isinstance(keys[0], bytes) else str(keys[0]).encode())
-        owner = self._owner(slot)
+        owner = self._owner(_slot(keys[0]))
         if owner is None:  # no map yet: ask for it, then send
             self._spawn(self._submit_after_refresh(script, keys, args, callback))
             return
@@ -218,6 +217,11 @@ class ClusterPipelinedRedis:
             task.cancel()
         for node in self._nodes.values():
             await node.close()
+
+
+def _slot(key: Arg) -> int:
+    """The cluster slot of ``key`` (CRC16 of its hash tag, as Redis computes it)."""
+    return int(key_slot(key if isinstance(key, bytes) else str(key).encode()))
 
 
 def _ignore(reply: Reply) -> None:
