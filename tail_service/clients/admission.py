@@ -82,6 +82,12 @@ class GuardedLimiter:
         sent_at = self._monotonic()
         try:
             admission = await self._inner.admit(req, timeout=self._settings.timeout)
+        except asyncio.CancelledError:
+            # The caller went away (a client disconnect) with the script sent: it may take a
+            # slot nobody will settle. A settlement sent now follows it on the same
+            # connection, so Redis applies it after the admission, whatever that was.
+            self.settle_later(req, used_tokens=0)
+            raise
         except _REDIS_ERRORS as exc:
             self._failed(exc, sent_at)
             # The script may still run once Redis catches up and take a slot for a

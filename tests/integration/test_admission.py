@@ -849,3 +849,30 @@ def test_sdk_retries_honour_retry_after_on_concurrency(
             assert status == 429
             assert headers["retry-after"] == "1"
             assert headers["retry-after-ms"] == "1000"
+
+
+async def test_an_admission_cancelled_in_flight_holds_no_slot(own_redis: EmbeddedRedis) -> None:
+    settings = RedisSettings(timeout=5, breaker_failures=3, failure_mode="open")
+    guarded = GuardedLimiter(RedisRateLimiter(PipelinedRedis(own_redis.url())), settings)
+    limits = Limits(max_concurrency=2)
+    conc = bucket_keys("k")[2]
+    probe = redis.Redis.from_url(own_redis.url())
+    try:
+        await guarded.prepare()
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGSTOP)  # the script waits in Redis's socket ...
+        asks = [AdmissionRequest("k", f"c{i}", "m", 1, limits, Limits()) for i in range(2)]
+        pending = [asyncio.ensure_future(guarded.admit(a)) for a in asks]
+        await asyncio.sleep(0.1)
+        for p in pending:  # ... when the clients go away
+            p.cancel()
+        own_redis.proc.send_signal(signal.SIGCONT)
+        await asyncio.gather(*pending, return_exceptions=True)
+        await guarded.drain()
+        assert probe.zcard(conc) == 0  # both admissions ran, and both slots came back
+        assert (await guarded.admit(AdmissionRequest("k", "after", "m", 1, limits, Limits()))).allowed
+    finally:
+        if own_redis.proc is not None:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        probe.close()
+        await guarded.close()
