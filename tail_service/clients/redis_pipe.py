@@ -130,11 +130,14 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader, sinks = self._reader, self._sinks
         reader.feed(data)
-        while (reply := reader.gets()) is not False:
-            if not sinks:  # cannot happen with a well-behaved server
-                self.abort(RedisConnectionError("redis sent a reply nobody asked for"))
-                return
-            _deliver(sinks.popleft(), reply)
+        try:
+            while (reply := reader.gets()) is not False:
+                if not sinks:  # cannot happen with a well-behaved server
+                    self.abort(RedisConnectionError("redis sent a reply nobody asked for"))
+                    return
+                _deliver(sinks.popleft(), reply)
+        except hiredis.ProtocolError as exc:  # not RESP: this is not (or no longer) Redis
+            self.abort(RedisConnectionError(f"redis protocol error: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RedisConnectionError(f"connection to redis lost: {exc or 'closed by the server'}"))

@@ -264,3 +264,20 @@ def test_a_stall_of_this_process_is_not_a_redis_timeout(redis_server: EmbeddedRe
 
     with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
         runner.run(scenario())
+
+
+async def test_a_peer_that_is_not_redis_fails_the_calls_cleanly(tmp_path: Path) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # e.g. the URL points at a web server
+        await writer.drain()
+
+    server = await asyncio.start_unix_server(garbage, str(tmp_path / "web.sock"))
+    p = PipelinedRedis(f"unix://{tmp_path}/web.sock")
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError, match="protocol error"):
+            await p.execute("PING", timeout=5)
+        assert p.in_flight == 0
+    finally:
+        await p.close()
+        server.close()
