@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -47,12 +48,12 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+@contextlib.contextmanager
+def running_cluster(base: Path, password: str | None = None) -> Iterator[list[int]]:
     """Three primaries on loopback, a third of the slots each; yields their ports."""
     ports = free_ports(3)
     procs = []
-    base = tmp_path_factory.mktemp("cluster")
+    auth = ["--requirepass", password, "--masterauth", password] if password else []
     try:
         for port in ports:
             d = base / str(port)
@@ -61,10 +62,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
                 str(redis_server_binary()),
                 "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", str(d), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000",
+                "--cluster-node-timeout", "2000", *auth,
             ]  # fmt: skip
             procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
-        nodes = [redis.Redis(port=p, retry=None) for p in ports]
+        nodes = [redis.Redis(port=p, password=password, retry=None) for p in ports]
         for node, proc in zip(nodes, procs, strict=True):
             for _ in range(250):
                 assert proc.poll() is None, "a cluster node did not start"
@@ -84,6 +85,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
     finally:
         for proc in procs:
             terminate(proc, 5)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as ports:
+        yield ports
 
 
 @pytest.fixture
@@ -225,3 +232,23 @@ def test_the_service_limits_through_a_cluster(
     assert "gpt-shared (all API keys together)" in exc.value.message
     health = httpx.get(app.base_url + "/health").json()
     assert health["dependencies"]["redis"]["status"] == "ok"
+
+
+async def test_a_password_protected_cluster(tmp_path: Path) -> None:
+    with running_cluster(tmp_path, password="cluster-s3cret") as ports:
+        good = ClusterPipelinedRedis(f"redis://:cluster-s3cret@127.0.0.1:{ports[0]}")
+        bad = ClusterPipelinedRedis(f"redis://:wrong@127.0.0.1:{ports[0]}")
+        try:
+            assert "cluster-s3cret" not in repr(good)
+            limiter = RedisRateLimiter(good)
+            subjects = subjects_on_every_node(3)  # every node needs the password
+            answers = [
+                await limiter.admit(AdmissionRequest(s, f"p{s}", "m", 1, Limits(rpm=1), NONE))
+                for s in subjects
+            ]
+            assert all(a.allowed for a in answers)
+            with pytest.raises(redis.exceptions.ConnectionError, match="no cluster node"):
+                await RedisRateLimiter(bad).admit(AdmissionRequest("k", "x", "m", 1, Limits(rpm=1), NONE))
+        finally:
+            await good.close()
+            await bad.close()
