@@ -7,7 +7,6 @@ the dev PKI (``tls_for``); :meth:`Stack.gateway_settings` points a gateway at th
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,6 @@ from tail_service.proto import auth_pb2, auth_pb2_grpc, secrets_pb2_grpc
 from tail_service.rpc.tls import channel_credentials
 from tail_service.secretsvc.server import SecretService
 from tail_service.settings import AuthServiceSettings, SecretServiceSettings, TLSFiles, load_settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -49,7 +41,8 @@ class Stack:
             event_poll_interval=0.1,
         )
         self.auth = AuthService.build(settings, base_dir=self.tmp)
-        self.auth.start()
+        # port 0 the first time (the kernel picks a free one), the same port on a restart
+        self.auth_port = self.auth.start().port
 
     def stop_auth(self) -> None:
         assert self.auth is not None
@@ -65,7 +58,7 @@ class Stack:
             embedded=True,
         )
         self.secrets = SecretService.build(settings, base_dir=self.tmp)
-        self.secrets.start()
+        self.secrets_port = self.secrets.start().port
 
     def admin_auth(self) -> Any:
         ch = grpc.secure_channel(f"127.0.0.1:{self.auth_port}", channel_credentials(self.tls_for("admin")))
@@ -107,7 +100,7 @@ class Stack:
 @pytest.fixture
 def stack(tmp_path: Path, tls_for: Callable[[str], TLSFiles]) -> Iterator[Stack]:
     ensure_pepper_file(tmp_path / "pepper")
-    st = Stack(tmp_path, tls_for, free_port(), free_port())
+    st = Stack(tmp_path, tls_for, 0, 0)
     st.start_auth()
     st.start_secrets()
     try:

@@ -41,7 +41,7 @@ from tail_service.settings import RedisSettings, Settings, TLSFiles
 from tail_service.tokens import TiktokenCounter
 from tests.conftest import RunningApp, model_entry, serve_app
 from tests.fakes.openai_upstream import FakeOpenAI, run_openai_upstream_in_thread
-from tests.stack_fixtures import Stack, free_port
+from tests.stack_fixtures import Stack
 
 EXE = str(Path(sys.executable).with_name("tail-service"))
 MODEL = "gpt-test"
@@ -227,7 +227,7 @@ def replicas(
     """Two gateway processes sharing one Redis and one auth-service, on one fake upstream."""
     tmp = tmp_path_factory.mktemp("replicas")
     ensure_pepper_file(tmp / "pepper")
-    stack = Stack(tmp, tls_for, free_port(), free_port())
+    stack = Stack(tmp, tls_for, 0, 0)
     stack.start_auth()
     with ExitStack() as es:
         es.callback(lambda: stack.auth.stop(grace=0.2) if stack.auth is not None else None)

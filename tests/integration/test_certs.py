@@ -24,7 +24,7 @@ from tail_service.rpc.tls import channel_credentials, tls_from_dir
 from tail_service.settings import AuthServiceSettings, TLSFiles
 from tests.conftest import serve_app
 from tests.fakes.openai_upstream import run_openai_upstream_in_thread
-from tests.stack_fixtures import Stack, free_port
+from tests.stack_fixtures import Stack
 
 EXE = str(Path(sys.executable).with_name("tail-service"))
 
@@ -97,7 +97,7 @@ def test_gateway_logs_hold_no_key_or_secret(
     """Debug logs of the whole path: gateway, auth-service and secret-service in one process."""
     caplog.set_level(logging.DEBUG)
     ensure_pepper_file(tmp_path / "pepper")
-    st = Stack(tmp_path, tls_for, free_port(), free_port())
+    st = Stack(tmp_path, tls_for, 0, 0)
     st.start_auth()
     st.start_secrets()
     try:
