@@ -4,7 +4,8 @@ Every script the limiter runs touches the keys of one hash tag, so it belongs to
 slot (CRC16 of the tag, as Redis computes it). The slot map comes from ``CLUSTER SLOTS``
 on any known node; a ``MOVED`` reply (a slot changed hands) refreshes the map and sends
 the command once more to the new owner, and ``ASK`` (a slot being migrated) sends it to
-the importing node after ``ASKING``. Per node, commands are auto-pipelined exactly as
+the importing node after ``ASKING``; ``TRYAGAIN`` (a multi-key script while its slot is
+half migrated) is retried after a short pause. Per node, commands are auto-pipelined exactly as
 with :class:`~tail_service.clients.redis_pipe.PipelinedRedis`, so a request is still one
 round trip. The seed URL's password, user and TLS options apply to every node.
 """
@@ -27,6 +28,10 @@ from tail_service.clients.redis_pipe import Arg, PipelinedRedis, Reply, Script
 log = logging.getLogger("tail_service.clients.redis_cluster")
 
 Address = tuple[str, int]
+#: tries per command: redirections and TRYAGAIN pauses included
+_ATTEMPTS = 5
+#: seconds before retrying after TRYAGAIN (times the attempt number)
+_TRYAGAIN_PAUSE = 0.01
 
 
 def _redirect(reply: Reply) -> tuple[str, Address] | None:
@@ -122,22 +127,30 @@ class ClusterPipelinedRedis:
 
     # the limiter's and the cache's interface (see PipelinedRedis)
     async def _routed(self, key: Arg, call: Callable[[PipelinedRedis], Awaitable[Reply]]) -> Reply:
-        """``call`` on the owner of ``key``'s slot; after ``MOVED`` or ``ASK``, once more
-        on the node the cluster names."""
+        """``call`` on the owner of ``key``'s slot, following ``MOVED`` (a new map) and ``ASK``
+        (``ASKING`` first, in the same write), and pausing briefly on ``TRYAGAIN`` (a
+        multi-key script while its slot is being migrated)."""
         node = await self._node_for((key,))
-        try:
-            return await call(node)
-        except ResponseError as exc:
-            redirect = _redirect(exc)
-            if redirect is None:
-                raise
-        kind, addr = redirect
-        target = self._node(addr)
-        if kind == "MOVED":
-            await self.refresh()
-        else:
-            target.submit(("ASKING",), _ignore)
-        return await call(target)
+        asking = False
+        for attempt in range(_ATTEMPTS):
+            if asking:
+                node.submit(("ASKING",), _ignore)
+            try:
+                return await call(node)
+            except ResponseError as exc:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+                if str(exc).startswith("TRYAGAIN"):
+                    await asyncio.sleep(_TRYAGAIN_PAUSE * (attempt + 1))
+                    continue
+                redirect = _redirect(exc)
+                if redirect is None:
+                    raise
+                kind, addr = redirect
+                node, asking = self._node(addr), kind == "ASK"
+                if kind == "MOVED":
+                    await self.refresh()
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def execute_keyed(self, key: Arg, *args: Arg, timeout: float | None = None) -> Reply:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
         return await self._routed(key, lambda node: node.execute(*args, timeout=timeout))

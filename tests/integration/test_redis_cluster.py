@@ -254,3 +254,49 @@ async def test_a_password_protected_cluster(tmp_path: Path) -> None:
         finally:
             await good.close()
             await bad.close()
+
+
+async def test_a_slot_being_migrated_is_followed_with_asking(
+    cluster: list[int], flushed: redis.asyncio.RedisCluster
+) -> None:
+    subject = next(s for s in subjects_on_every_node(6) if _node_of(s) == 0 and s != "key_0000")
+    slot = key_slot(hash_tag(subject).encode())
+    nodes = [redis.Redis(port=p) for p in cluster]
+    ids = [n.execute_command("CLUSTER", "MYID").decode() for n in nodes]
+    client = ClusterPipelinedRedis(f"redis://127.0.0.1:{cluster[0]}")
+    limiter = RedisRateLimiter(client)
+    lim = Limits(rpm=2, max_concurrency=5)
+    asks = [AdmissionRequest(subject, f"a{i}", "m", 1, lim, NONE) for i in range(3)]
+    moved = False
+    try:
+        await client.refresh()
+        # node 0 is handing the slot to node 1: it answers ASK (it lacks the bucket's keys),
+        # node 1 answers a multi-key script TRYAGAIN (it has not got all of them either)
+        # until the migration ends, 15 ms from now: the client pauses and tries again
+        nodes[1].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[0])
+        nodes[0].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[1])
+
+        def finish() -> None:
+            for n in nodes:
+                n.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[1])
+
+        asyncio.get_running_loop().call_later(0.015, finish)
+        moved = True
+        assert (await limiter.admit(asks[0])).allowed
+        assert nodes[1].zcard(bucket_keys(subject)[0]) == 1
+        # the client's map still says node 0: MOVED, a new map, node 1
+        assert (await limiter.admit(asks[1])).allowed
+        refused = await limiter.admit(asks[2])
+        assert not refused.allowed and refused.reason == "requests"
+        assert nodes[1].zcard(bucket_keys(subject)[0]) == 2
+    finally:
+        if moved:
+            nodes[1].delete(*bucket_keys(subject))
+            for n in nodes:
+                n.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[0])
+        else:
+            for n in nodes[:2]:
+                n.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        for n in nodes:
+            n.close()
+        await client.close()
