@@ -649,18 +649,18 @@ def warm_up(app: RunningApp, stack: Stack) -> None:
     wait_for(lambda: bool(call(probe).limits), 10.0, "the gateway admits through Redis")
 
 
+def breaker_settings(stack: Stack, upstream: FakeOpenAI, server: EmbeddedRedis, mode: str) -> Settings:
+    """Limits through ``server`` with a 50 ms deadline and a breaker that opens after
+    3 failures for 0.5 s, failing ``mode`` ("open" or "closed")."""
+    return limited_settings(
+        stack, upstream, server.url(), failure_mode=mode, timeout=0.05, breaker_failures=3, breaker_reset=0.5
+    )
+
+
 def test_redis_down_fail_open_then_recovers(
     stack: Stack, upstream: FakeOpenAI, upstream_key: str, own_redis: EmbeddedRedis
 ) -> None:
-    settings = limited_settings(
-        stack,
-        upstream,
-        own_redis.url(),
-        failure_mode="open",
-        timeout=0.05,
-        breaker_failures=3,
-        breaker_reset=0.5,
-    )
+    settings = breaker_settings(stack, upstream, own_redis, "open")
     key = new_key(stack, rpm=3)
     with serve_app(settings) as app, app.http() as http:
         warm_up(app, stack)
@@ -703,15 +703,7 @@ def test_redis_down_fail_open_then_recovers(
 def test_redis_down_fail_closed_then_recovers(
     stack: Stack, upstream: FakeOpenAI, upstream_key: str, own_redis: EmbeddedRedis
 ) -> None:
-    settings = limited_settings(
-        stack,
-        upstream,
-        own_redis.url(),
-        failure_mode="closed",
-        timeout=0.05,
-        breaker_failures=3,
-        breaker_reset=0.5,
-    )
+    settings = breaker_settings(stack, upstream, own_redis, "closed")
     key, unlimited = new_key(stack, rpm=100), new_key(stack)
     with serve_app(settings) as app, app.http() as http:
         warm_up(app, stack)
@@ -745,15 +737,7 @@ def test_hung_redis_costs_no_latency_once_the_breaker_is_open(
     stack: Stack, upstream: FakeOpenAI, upstream_key: str, own_redis: EmbeddedRedis
 ) -> None:
     """A Redis that accepts connections but never answers (SIGSTOP): the worst case for latency."""
-    settings = limited_settings(
-        stack,
-        upstream,
-        own_redis.url(),
-        failure_mode="open",
-        timeout=0.05,
-        breaker_failures=3,
-        breaker_reset=0.5,
-    )
+    settings = breaker_settings(stack, upstream, own_redis, "open")
     key = new_key(stack, rpm=1000)
     with serve_app(settings) as app, app.http() as http:
         warm_up(app, stack)
