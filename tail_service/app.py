@@ -31,9 +31,9 @@ from tail_service.api.fastpath import FastPathMiddleware
 from tail_service.api.middleware import RequestIdMiddleware
 from tail_service.api.openapi import build_openapi, docs, openapi_json
 from tail_service.api.routes import ROUTES
-from tail_service.clients.admission import GuardedLimiter
 from tail_service.clients.auth import AuthClient, NoAuth
 from tail_service.clients.grpc_channel import ReloadingChannel
+from tail_service.clients.limiter_guard import GuardedLimiter
 from tail_service.clients.ratelimit_redis import RedisRateLimiter
 from tail_service.clients.redis_cluster import ClusterPipelinedRedis
 from tail_service.clients.redis_pipe import PipelinedRedis, SharedRedis
@@ -47,7 +47,7 @@ from tail_service.metrics import Metrics, MetricsUsageSink
 from tail_service.providers.registry import Credentials, build_deployments, build_providers
 from tail_service.services import Services
 from tail_service.settings import Settings, check_http_settings, load_settings, resolve_credentials
-from tail_service.tokens import TiktokenCounter
+from tail_service.tiktoken_counter import TiktokenCounter
 
 log = logging.getLogger("tail_service.app")
 

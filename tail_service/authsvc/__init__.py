@@ -6,7 +6,7 @@ SQL (SQLite or PostgreSQL), :mod:`.server` serves ``tail.auth.v1.AuthService``.
 
 from tail_service.authsvc.keys import Pepper, PepperError, ensure_pepper_file, load_pepper
 from tail_service.authsvc.server import SERVICE_NAME, AuthService, run
-from tail_service.authsvc.store import KeyInfo, KeyStore, Principal
+from tail_service.authsvc.store import KeyInfo, KeyStore, VerifiedKey
 
 __all__ = [
     "SERVICE_NAME",
@@ -15,7 +15,7 @@ __all__ = [
     "KeyStore",
     "Pepper",
     "PepperError",
-    "Principal",
+    "VerifiedKey",
     "ensure_pepper_file",
     "load_pepper",
     "run",

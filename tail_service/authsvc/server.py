@@ -37,7 +37,7 @@ from tail_service.authsvc.store import (
     KeyInfo,
     KeyNotFound,
     KeyStore,
-    Principal,
+    VerifiedKey,
 )
 from tail_service.db import make_engine
 from tail_service.proto import auth_pb2, auth_pb2_grpc
@@ -182,7 +182,7 @@ class EventHub:
                 self.publish(events)
 
 
-def _pb(message: type[_M], record: KeyInfo | Principal) -> _M:
+def _pb(message: type[_M], record: KeyInfo | VerifiedKey) -> _M:
     """``record`` as a ``KeyInfo``/``Principal`` message (its three limits nested in ``Limits``)."""
     d = asdict(record)
     limits = auth_pb2.Limits(rpm=d.pop("rpm"), tpm=d.pop("tpm"), max_concurrency=d.pop("max_concurrency"))

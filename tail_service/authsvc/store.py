@@ -119,7 +119,7 @@ class KeyInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class Principal:
+class VerifiedKey:
     """Who a verified key belongs to and what it may do (limits: 0 = unlimited)."""
 
     key_id: str
@@ -350,7 +350,7 @@ class KeyStore:
             row = conn.execute(sa.select(*_INFO_COLUMNS).where(API_KEYS.c.id == key_id)).one()
         return _info(row)
 
-    def verify(self, api_key: str, now: float | None = None) -> Principal | None:
+    def verify(self, api_key: str, now: float | None = None) -> VerifiedKey | None:
         """The principal of a valid key, else ``None``.
 
         Unknown, revoked and expired keys take the same path (hash, one indexed lookup,
@@ -368,8 +368,8 @@ class KeyStore:
         matches = hmac.compare_digest(stored.encode("ascii"), presented.encode("ascii"))
         if info is None or not matches or info.revoked or 0 < info.expires_at <= at:
             return None
-        same = {f.name: getattr(info, f.name) for f in fields(Principal) if f.name != "key_id"}
-        return Principal(key_id=info.id, **same)
+        same = {f.name: getattr(info, f.name) for f in fields(VerifiedKey) if f.name != "key_id"}
+        return VerifiedKey(key_id=info.id, **same)
 
     def max_event_id(self) -> int:
         """The id of the newest key event, or 0 if there is none."""

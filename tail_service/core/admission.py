@@ -30,7 +30,7 @@ from tail_service.core.ratelimit import (
     ratelimit_headers,
 )
 from tail_service.core.routing import ModelRouter
-from tail_service.core.tokens import TokenCounter
+from tail_service.core.token_counter import TokenCounter
 from tail_service.core.types import ProxyRequest
 from tail_service.errors import RateLimitError
 

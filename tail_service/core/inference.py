@@ -28,7 +28,7 @@ from tail_service.core.cache import (
     replay_chat,
 )
 from tail_service.core.proxy import ModelProxy
-from tail_service.core.tokens import TokenCounter
+from tail_service.core.token_counter import TokenCounter
 from tail_service.core.types import Endpoint, ProxyRequest, TokenUsage
 from tail_service.errors import InvalidRequestError, ModelNotFoundError, UpstreamError
 

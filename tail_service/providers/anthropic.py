@@ -59,7 +59,7 @@ from tail_service.providers.anthropic_convert import (
     to_messages_request,
 )
 from tail_service.providers.anthropic_stream import StreamTranslator
-from tail_service.providers.http import SSEDecoder, describe, parse_retry_after
+from tail_service.providers.upstream_http import SSEDecoder, describe, parse_retry_after
 
 ANTHROPIC_VERSION = "2023-06-01"
 #: headers a client may not forward: credentials, framing and the protocol version

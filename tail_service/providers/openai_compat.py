@@ -27,7 +27,7 @@ from tail_service.core.provider import (
     ProviderTimeoutError,
 )
 from tail_service.core.types import UpstreamCall
-from tail_service.providers.http import SSEDecoder, describe, error_message, parse_retry_after
+from tail_service.providers.upstream_http import SSEDecoder, describe, error_message, parse_retry_after
 
 _PATHS = {"chat": "/chat/completions", "completion": "/completions", "embeddings": "/embeddings"}
 

@@ -31,14 +31,14 @@ import pytest
 import redis
 
 from tail_service.authsvc.keys import ensure_pepper_file
-from tail_service.clients.admission import GuardedLimiter
+from tail_service.clients.limiter_guard import GuardedLimiter
 from tail_service.clients.ratelimit_redis import RedisRateLimiter, bucket_keys
 from tail_service.clients.redis_pipe import PipelinedRedis
 from tail_service.core.ratelimit import UNLIMITED, AdmissionRequest, Limits
 from tail_service.proto import auth_pb2
 from tail_service.redis_embedded import EmbeddedRedis
 from tail_service.settings import RedisSettings, Settings, TLSFiles
-from tail_service.tokens import TiktokenCounter
+from tail_service.tiktoken_counter import TiktokenCounter
 from tests.conftest import RunningApp, model_entry, serve_app
 from tests.fakes.openai_upstream import FakeOpenAI, run_openai_upstream_in_thread
 from tests.stack_fixtures import Stack

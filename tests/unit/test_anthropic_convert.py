@@ -20,7 +20,7 @@ from tail_service.providers.anthropic_convert import (
     to_messages_request,
 )
 from tail_service.providers.anthropic_stream import StreamTranslator
-from tail_service.providers.http import SSEDecoder
+from tail_service.providers.upstream_http import SSEDecoder
 from tests.fakes.anthropic_upstream import stream_events
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tail_service import tokens
+from tail_service import tiktoken_counter as tokens
 from tail_service.core.types import Endpoint
-from tail_service.tokens import TiktokenCounter, TokenizerDataError
+from tail_service.tiktoken_counter import TiktokenCounter, TokenizerDataError
 
 
 @pytest.fixture(scope="module")

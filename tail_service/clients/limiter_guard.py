@@ -25,7 +25,7 @@ from tail_service.core.ratelimit import UNLIMITED, Admission, AdmissionRequest
 from tail_service.errors import ServiceUnavailableError
 from tail_service.settings import RedisSettings
 
-log = logging.getLogger("tail_service.clients.admission")
+log = logging.getLogger("tail_service.clients.limiter_guard")
 
 _REDIS_ERRORS = (RedisError, TimeoutError, OSError)
 

@@ -1,4 +1,4 @@
-"""Token counting as the core needs it (implemented by :mod:`tail_service.tokens`)."""
+"""Token counting as the core needs it (implemented by :mod:`tail_service.tiktoken_counter`)."""
 
 from __future__ import annotations
 
