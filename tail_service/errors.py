@@ -1,6 +1,10 @@
 """The one exception tree of Tail Service, and the only table that maps it to HTTP.
 
-Every error a client can see is a :class:`TailError`. Each subclass fixes the HTTP
+Two branches. Every error a client can see is a :class:`TailError`. A
+:class:`ProviderError` is one failed attempt against one deployment: the adapters raise
+it, the model proxy decides on retries and fallback from it, and maps the last one to a
+``TailError`` (:func:`tail_service.core.proxy.to_tail_error`); it is never shown as is.
+ Each subclass fixes the HTTP
 status and the OpenAI ``type``/``code`` pair; instances carry the message and, for
 request errors, the ``param`` that was wrong. ``api/errors.py`` renders them in the
 OpenAI envelope ``{"error": {"message", "type", "param", "code"}}``. Exceptions that
@@ -19,13 +23,23 @@ and are logged with a traceback, never a 4xx.
      │    └── ModelNotFoundError (404 model_not_found)
      ├── MethodNotAllowedError (405)
      ├── RequestTooLargeError (413 request_too_large)
-     ├── RateLimitError (429 rate_limit_exceeded)
+     ├── RateLimitError (429 rate_limit_exceeded, type ``requests``)
+     │    └── TokenRateLimitError (429, type ``tokens``)
      ├── UpstreamError (502 upstream_error): the provider failed or broke the protocol
      │    └── UpstreamConnectionError (502 upstream_connection_error)
      ├── ServiceUnavailableError (503 service_unavailable)
      │    └── UpstreamUnavailableError (503 upstream_unavailable): every deployment failed,
      │         is cooling down, or is rate limited
-     └── UpstreamTimeoutError (504 upstream_timeout)
+     ├── UpstreamTimeoutError (504 upstream_timeout)
+     └── ClientDisconnected (499): the client left first; logged, never sent
+
+    ProviderError: one attempt failed (``retryable``, ``failover``, ``retry_after``)
+     ├── ProviderHTTPError: a non-2xx answer (status and body kept)
+     ├── ProviderConnectionError
+     ├── ProviderTimeoutError
+     ├── ProviderProtocolError: not the provider's documented wire format
+     ├── ProviderStreamCut: a stream ended before its end marker
+     └── ProviderUnsupportedError: the adapter cannot serve this operation or parameter
 """
 
 from __future__ import annotations
@@ -149,6 +163,12 @@ class RateLimitError(TailError):
     default_code = "rate_limit_exceeded"
 
 
+class TokenRateLimitError(RateLimitError):
+    """429 on tokens per minute (OpenAI's ``type: "tokens"``)."""
+
+    type = "tokens"
+
+
 class UpstreamError(TailError):
     status = 502
     default_code = "upstream_error"
@@ -170,3 +190,80 @@ class UpstreamUnavailableError(ServiceUnavailableError):
 class UpstreamTimeoutError(TailError):
     status = 504
     default_code = "upstream_timeout"
+
+
+class ClientDisconnected(TailError):
+    """The client closed the connection before the answer was ready (nginx's 499)."""
+
+    status = 499
+    type = "client_closed_request"
+
+
+class ProviderError(Exception):
+    """An attempt against one deployment failed.
+
+    ``retryable``: worth retrying on the same deployment (after ``retry_after`` seconds
+    when the upstream said so). ``failover``: worth trying another deployment.
+    """
+
+    retryable: bool = False
+    failover: bool = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ProviderHTTPError(ProviderError):
+    """The upstream answered with a non-2xx status.
+
+    429, 408, 409 and 5xx are retryable and fail over. 401/403 fail over (the
+    credential of this deployment is bad) but are not retried. Other 4xx are the
+    caller's fault: neither retried nor failed over, and shown to the client.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        body: Any = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.status = status
+        self.body = body
+        self.retryable = status in (408, 409, 429) or status >= 500
+        self.failover = self.retryable or status in (401, 403)
+
+
+class ProviderConnectionError(ProviderError):
+    """Connecting failed, or the connection broke before a response."""
+
+    retryable = True
+
+
+class ProviderTimeoutError(ProviderError):
+    """The attempt ran past its deadline."""
+
+    retryable = True
+
+
+class ProviderProtocolError(ProviderError):
+    """The upstream answered with something that is not its documented wire format."""
+
+    retryable = True
+
+
+class ProviderStreamCut(ProviderError):
+    """A stream ended or broke before its end marker."""
+
+    retryable = True
+
+
+class ProviderUnsupportedError(ProviderError):
+    """The adapter cannot serve this operation or parameter (e.g. embeddings on Anthropic)."""
+
+    retryable = False
+    failover = True

@@ -10,8 +10,9 @@ from starlette.requests import Request
 from tail_service.errors import InvalidRequestError, RequestTooLargeError
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past ``limit`` bytes, 400 if it is not a JSON object."""
+async def read_json(request: Request, limit: int) -> tuple[dict[str, Any], int]:
+    """``(the body as a JSON object, its size in bytes)``; 413 past ``limit`` bytes, 400 if it
+    is not a JSON object."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
@@ -37,4 +38,4 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    return body
+    return body, len(raw)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tail_service.core.types import ANONYMOUS, Endpoint, Principal, ProxyRequest
+from tail_service.core.types import ANONYMOUS, Endpoint, Principal, ProxyRequest, RequestParams
 from tail_service.errors import InvalidRequestError
 from tail_service.services import Services
 
@@ -57,23 +58,24 @@ def cache_mode(request: Request, default: str) -> str:
 def proxy_request(
     endpoint: Endpoint,
     body: dict[str, Any],
+    params: RequestParams,
     rid: str,
     principal: Principal = ANONYMOUS,
     cache: str = "skip",
+    body_bytes: int = 0,
 ) -> ProxyRequest:
-    """Wrap a validated body; the fields the proxy acts on are read once here."""
-    opts = body.get("stream_options")
+    """Wrap a validated body and its typed parameters."""
     return ProxyRequest(
         endpoint=endpoint,
         model=body["model"],
         body=body,
-        stream=body.get("stream") is True,
-        include_usage=isinstance(opts, dict) and opts.get("include_usage") is True,
+        params=params,
         request_id=rid,
         principal=principal,
         cache_mode=cache,
+        body_bytes=body_bytes,
     )
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)

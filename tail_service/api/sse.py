@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from typing import Any, TypeVar
 
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from tail_service.errors import TailError
+from tail_service.errors import ClientDisconnected, TailError
 
 log = logging.getLogger("tail_service.sse")
 
@@ -28,13 +28,6 @@ T = TypeVar("T")
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keepalive\n\n"
-
-
-class ClientDisconnected(TailError):
-    """The client closed the connection before the answer was ready (nginx's 499)."""
-
-    status = 499
-    type = "client_closed_request"
 
 
 def frame(event: dict[str, Any]) -> bytes:
@@ -91,7 +84,7 @@ class SSEResponse(Response):
         *,
         request_id: str,
         keepalive: float,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.status_code = 200
         self.background = None

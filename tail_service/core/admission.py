@@ -1,8 +1,9 @@
 """Admission of one request: build the limiter's question, ask once, turn a no into a 429.
 
-The tokens reserved up front are the prompt's exact count (offline tokenizer) plus the
-request's ``max_tokens`` / ``max_completion_tokens``, or ``default_max_tokens`` when it
-gives none (no client is forced to send one). After the answer, :meth:`Admitter.settle`
+The tokens reserved up front are the prompt's exact count (offline tokenizer; a large
+prompt is counted in a worker thread, so it never holds up the event loop) plus the
+request's ``max_completion_tokens`` / ``max_tokens`` times ``n``, or ``default_max_tokens``
+when it gives none (no client is forced to send one). After the answer, :meth:`Admitter.settle`
 replaces the reservation with the tokens actually used and releases the concurrency
 slot without holding up the response (the limiter sends it with its next command); it
 runs exactly once per admitted request, however the request ended.
@@ -30,15 +31,9 @@ from tail_service.core.ratelimit import (
     ratelimit_headers,
 )
 from tail_service.core.routing import ModelRouter
-from tail_service.core.token_counter import TokenCounter
-from tail_service.core.types import ProxyRequest
-from tail_service.errors import RateLimitError
-
-
-class TokenRateLimitError(RateLimitError):
-    """429 on tokens per minute (OpenAI's ``type: "tokens"``)."""
-
-    type = "tokens"
+from tail_service.core.token_counter import TokenCounter, count_prompt
+from tail_service.core.types import Endpoint, ProxyRequest
+from tail_service.errors import RateLimitError, TokenRateLimitError
 
 
 @dataclass(slots=True)
@@ -67,26 +62,26 @@ class Admitter:
         self._id_prefix = "a" + os.urandom(6).hex() + ":"
         self._ids = itertools.count()
 
-    def _reserve(self, req: ProxyRequest) -> int:
-        body = req.body
-        answer = body.get("max_completion_tokens") or body.get("max_tokens")
-        if not isinstance(answer, int) or answer <= 0:
-            answer = 0 if req.endpoint.value == "embedding" else self._default_max_tokens
-        n = body.get("n")
-        choices = n if isinstance(n, int) and n > 0 else 1
-        return self._counter.count_prompt(body, req.endpoint.value) + answer * choices
+    async def _reserve(self, req: ProxyRequest) -> int:
+        answer = req.params.max_output_tokens
+        if answer is None:
+            answer = 0 if req.endpoint is Endpoint.EMBEDDING else self._default_max_tokens
+        return await count_prompt(self._counter, req) + answer * req.params.n
 
-    async def admit(self, req: ProxyRequest, priority: Priority = Priority.INTERACTIVE) -> Ticket | None:
-        """Reserve capacity for ``req`` (429 when it has none); ``None`` when nothing limits it.
+    async def admit(
+        self, req: ProxyRequest, priority: Priority = Priority.INTERACTIVE
+    ) -> tuple[Ticket | None, dict[str, str]]:
+        """Reserve capacity for ``req``: ``(ticket, rate-limit headers for the reply)``.
 
-        The rate-limit headers are put into ``req.reply_headers`` either way.
+        The ticket is ``None`` when nothing limits the request (then there are no headers
+        either). Raises a 429 (carrying the same headers) when there is no capacity.
         """
         p = req.principal
         key_limits = Limits(p.rpm, p.tpm, p.max_concurrency)
         model_limits, total_limits = self._router.model_limits(req.model)
         if not (key_limits.any or model_limits.any or total_limits.any):
-            return None
-        tokens = self._reserve(req) if (key_limits.tpm or model_limits.tpm or total_limits.tpm) else 0
+            return None, {}
+        tokens = await self._reserve(req) if (key_limits.tpm or model_limits.tpm or total_limits.tpm) else 0
         ask = AdmissionRequest(
             subject=p.key_id,
             request_id=self._id_prefix + str(next(self._ids)),
@@ -99,9 +94,8 @@ class Admitter:
         )
         answer = await self._limiter.admit(ask)
         if answer is UNLIMITED:  # admitted without being recorded: nothing to settle
-            return None
+            return None, {}
         headers = ratelimit_headers(answer)
-        req.reply_headers.update(headers)
         if not answer.allowed:
             kind = TokenRateLimitError if (answer.reason or "").endswith("tokens") else RateLimitError
             raise kind(
@@ -109,7 +103,7 @@ class Admitter:
                 retry_after=answer.retry_after_ms / 1000,
                 headers=headers,
             )
-        return Ticket(ask)
+        return Ticket(ask), headers
 
     def settle(self, ticket: Ticket | None, used_tokens: int | None) -> None:
         """Hand the settlement to the limiter (exactly once per ticket); never waits."""

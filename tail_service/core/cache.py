@@ -44,7 +44,7 @@ class ResponseCache(Protocol):
 
 def cacheable(req: ProxyRequest) -> bool:
     """Chat (streamed or not), and non-streamed legacy completions and embeddings."""
-    return req.endpoint is Endpoint.CHAT or not req.stream
+    return req.endpoint is Endpoint.CHAT or not req.params.stream
 
 
 def cache_key(req: ProxyRequest) -> str:

@@ -13,7 +13,7 @@ import base64
 import enum
 import logging
 import struct
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,9 +28,9 @@ from tail_service.core.cache import (
     replay_chat,
 )
 from tail_service.core.proxy import ModelProxy
-from tail_service.core.token_counter import TokenCounter
-from tail_service.core.types import Endpoint, ProxyRequest, TokenUsage
-from tail_service.errors import InvalidRequestError, ModelNotFoundError, UpstreamError
+from tail_service.core.token_counter import COUNT_INLINE_MAX_BYTES, TokenCounter, count_prompt, count_text
+from tail_service.core.types import ChunkStream, Completion, Endpoint, ProxyRequest, TokenUsage
+from tail_service.errors import InvalidRequestError, ModelNotFoundError, TailError, UpstreamError
 
 log = logging.getLogger("tail_service.inference")
 
@@ -112,7 +112,7 @@ class InferenceService:
         self._admitter = admitter
         self._cache = cache
         self._cache_ttl = cache_ttl
-        self._stores: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _cached(self, req: ProxyRequest) -> tuple[str | None, dict[str, Any] | None]:
         """``(key to store under, cached answer)`` for this request's cache mode."""
@@ -120,21 +120,24 @@ class InferenceService:
             return None, None
         key = cache_key(req)
         hit = await self._cache.get(key) if req.cache_mode == CacheMode.USE else None
-        req.reply_headers["x-tail-cache"] = "hit" if hit is not None else "miss"
         if hit is not None:
             hit["model"] = req.model
         return key, hit
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background, holding a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _store(self, key: str | None, value: dict[str, Any] | None) -> None:
         if key is None or value is None or self._cache is None:
             return
-        task = asyncio.get_running_loop().create_task(self._cache.set(key, value, self._cache_ttl))
-        self._stores.add(task)
-        task.add_done_callback(self._stores.discard)
+        self._spawn(self._cache.set(key, value, self._cache_ttl))
 
-    async def _begin(self, req: ProxyRequest) -> tuple[Ticket | None, str | None, dict[str, Any] | None]:
+    async def _begin(self, req: ProxyRequest) -> _Begun:
         """Access and model checks, then admission and the cache lookup, before anything is
-        sent upstream: ``(ticket, key to store under, cached answer)``.
+        sent upstream.
 
         Admission and lookup are issued together, so they leave for Redis in one write (one
         round trip). A hit still needs the admission: it counts toward requests per minute.
@@ -143,28 +146,30 @@ class InferenceService:
         self.proxy.router.deployments(req.model, req.endpoint)  # 404 / 400 before admission
         if self._admitter is None:
             key, hit = await self._cached(req)
-            return None, key, hit
+            return _Begun(None, _cache_header({}, key, hit), key, hit)
         if self._cache is None or req.cache_mode == CacheMode.SKIP or not cacheable(req):
-            return await self._admitter.admit(req), None, None
+            ticket, headers = await self._admitter.admit(req)
+            return _Begun(ticket, headers, None, None)
         admission = asyncio.ensure_future(self._admitter.admit(req))
         try:
             key, hit = await self._cached(req)
         except BaseException:  # e.g. the client went away: settle what gets admitted
             admission.add_done_callback(self._settle_abandoned)
             raise
-        return await admission, key, hit
+        ticket, headers = await admission
+        return _Begun(ticket, _cache_header(headers, key, hit), key, hit)
 
-    def _settle_abandoned(self, admission: asyncio.Future[Ticket | None]) -> None:
+    def _settle_abandoned(self, admission: asyncio.Future[tuple[Ticket | None, dict[str, str]]]) -> None:
         if not admission.cancelled() and admission.exception() is None:
-            self._settle(admission.result(), 0)
+            self._settle(admission.result()[0], 0)
 
     def _settle(self, ticket: Ticket | None, used_tokens: int) -> None:
         if self._admitter is not None:
             self._admitter.settle(ticket, used_tokens)
 
-    def _estimate(self, req: ProxyRequest, completion_text: str) -> TokenUsage:
-        prompt = self._counter.count_prompt(req.body, req.endpoint.value)
-        completion = self._counter.count_text(completion_text, req.model) if completion_text else 0
+    async def _estimate(self, req: ProxyRequest, completion_text: str) -> TokenUsage:
+        prompt = await count_prompt(self._counter, req)
+        completion = await count_text(self._counter, completion_text, req.model) if completion_text else 0
         return TokenUsage(prompt, completion)
 
     def _record(
@@ -180,14 +185,26 @@ class InferenceService:
             UsageRecord(req.request_id, req.model, req.endpoint, usage, outcome, estimated, deployment)
         )
 
-    async def complete(self, req: ProxyRequest) -> dict[str, Any]:
-        """Non-streaming chat, legacy completion or embeddings."""
-        ticket, cache_key_, hit = await self._begin(req)
-        if hit is not None:
+    async def complete(self, req: ProxyRequest) -> Completion:
+        """Non-streaming chat, legacy completion or embeddings.
+
+        An error raised after admission carries the rate-limit headers, as OpenAI's do.
+        """
+        begun = await self._begin(req)
+        try:
+            return await self._complete(req, begun)
+        except TailError as exc:
+            _carry_headers(exc, begun.headers)
+            raise
+
+    async def _complete(self, req: ProxyRequest, begun: _Begun) -> Completion:
+        ticket, headers = begun.ticket, begun.headers
+        if begun.hit is not None:
             # A hit counts toward requests per minute, not toward upstream tokens.
             self._settle(ticket, 0)
             self._record(req, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")
-            return hit
+            cached_usage = TokenUsage.from_openai(begun.hit.get("usage")) or TokenUsage()
+            return Completion(begun.hit, cached_usage, headers)
         try:
             result, dep = await self.proxy.call(req)
         except (ModelNotFoundError, InvalidRequestError):
@@ -201,32 +218,56 @@ class InferenceService:
         result["model"] = req.model
         usage = TokenUsage.from_openai(result.get("usage"))
         estimated = usage is None
-        if usage is None:
-            usage = self._estimate(req, _result_text(result))
-            result["usage"] = usage.to_openai()
-        self._record(req, usage, Outcome.OK, estimated=estimated, deployment=dep.id)
-        self._settle(ticket, usage.total_tokens)
-        self._store(cache_key_, result)
-        return result
+        try:
+            if usage is None:
+                usage = await self._estimate(req, _result_text(result))
+                result["usage"] = usage.to_openai()
+        finally:
+            counted = usage or TokenUsage()
+            self._record(req, counted, Outcome.OK, estimated=estimated, deployment=dep.id)
+            self._settle(ticket, counted.total_tokens)
+        self._store(begun.cache_key, result)
+        return Completion(result, counted, headers)
 
-    async def stream(self, req: ProxyRequest) -> AsyncGenerator[dict[str, Any], None]:
-        """Streaming chat or legacy completion: OpenAI chunks for the API to frame.
+    async def open_stream(self, req: ProxyRequest) -> ChunkStream:
+        """Streaming chat or legacy completion, opened up to its first chunk.
+
+        Everything that can fail before the first chunk (access, admission, every
+        deployment refusing) raises here, as an ordinary error with a status code and the
+        rate-limit headers. The rest of the chunks follow in :attr:`ChunkStream.rest`.
+        """
+        begun = await self._begin(req)
+        chunks = self._stream(req, begun)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            raise UpstreamError("The upstream stream ended without any chunk.") from None
+        except BaseException as exc:
+            await chunks.aclose()
+            self._settle(begun.ticket, 0)  # in case the generator never started
+            if isinstance(exc, TailError):
+                _carry_headers(exc, begun.headers)
+            raise
+        return ChunkStream(first, chunks, begun.headers)
+
+    async def _stream(self, req: ProxyRequest, begun: _Begun) -> AsyncGenerator[dict[str, Any], None]:
+        """OpenAI chunks for the API to frame.
 
         The upstream is always asked for usage; its usage chunk is passed on only when
         the client asked (``include_usage``), and is synthesised from an offline count
         when the upstream sent none. A usage record is written however the stream ends.
         """
-        ticket, cache_key_, hit = await self._begin(req)
-        if hit is not None:
+        ticket = begun.ticket
+        if begun.hit is not None:
             self._settle(ticket, 0)
             self._record(req, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")
-            for chunk in replay_chat(hit, include_usage=req.include_usage):
+            for chunk in replay_chat(begun.hit, include_usage=req.params.include_usage):
                 yield chunk
             return
-        acc = ChatAccumulator() if cache_key_ is not None else None
+        acc = ChatAccumulator() if begun.cache_key is not None else None
         state = _StreamState()
         outcome: Outcome | None = Outcome.ERROR
-        want_usage = req.include_usage
+        want_usage = req.params.include_usage
         last: dict[str, Any] | None = None
         try:
             async for chunk in self.proxy.stream(req):
@@ -249,7 +290,7 @@ class InferenceService:
                     "The upstream stream ended without any chunk.", code="upstream_stream_cut"
                 )
             if state.usage is None and want_usage:
-                state.usage = self._estimate(req, "".join(state.text))
+                state.usage = await self._estimate(req, "".join(state.text))
                 state.estimated = True
                 yield {
                     "id": last.get("id"),
@@ -263,7 +304,7 @@ class InferenceService:
             if acc is not None and (complete := acc.result()) is not None:
                 if "usage" not in complete and state.usage is not None:
                     complete["usage"] = state.usage.to_openai()
-                self._store(cache_key_, complete)
+                self._store(begun.cache_key, complete)
         except (ModelNotFoundError, InvalidRequestError):
             outcome = None  # refused before any upstream call: nothing to record
             raise
@@ -275,29 +316,51 @@ class InferenceService:
                 outcome = Outcome.CANCELLED
             raise
         finally:
-            if outcome is not None:
-                used = self._finish_stream(req, state, outcome, started=last is not None)
-            else:
-                used = 0
-            self._settle(ticket, used)
+            self._finish_stream(req, ticket, state, outcome, started=last is not None)
 
     def _finish_stream(
-        self, req: ProxyRequest, state: _StreamState, outcome: Outcome, *, started: bool
-    ) -> int:
-        """Record the stream's usage; returns its total tokens (to settle the admission)."""
-        usage = state.usage
-        estimated = state.estimated
-        if usage is None:
-            # Nothing reported: count what the client was sent (and the prompt, if
-            # anything was generated at all), so no usage goes unrecorded.
-            usage = self._estimate(req, "".join(state.text)) if started else TokenUsage()
-            estimated = True
-        self._record(req, usage, outcome, estimated=estimated, deployment=None)
-        return usage.total_tokens
+        self,
+        req: ProxyRequest,
+        ticket: Ticket | None,
+        state: _StreamState,
+        outcome: Outcome | None,
+        *,
+        started: bool,
+    ) -> None:
+        """Record the stream's usage and settle its admission, however it ended.
 
-    async def embed(self, req: ProxyRequest) -> dict[str, Any]:
+        Runs in the stream's ``finally`` (possibly while it is being closed), so it cannot
+        await. When nothing reported usage, what the client was sent (and the prompt, if
+        anything was generated at all) is counted, so no usage goes unrecorded: inline for a
+        small request, in a background task for a large one.
+        """
+        if outcome is None:
+            self._settle(ticket, 0)
+            return
+        if state.usage is not None or not started:
+            usage = state.usage or TokenUsage()
+            self._record(req, usage, outcome, estimated=state.estimated or not started, deployment=None)
+            self._settle(ticket, usage.total_tokens)
+            return
+        text = "".join(state.text)
+
+        def record(usage: TokenUsage) -> None:
+            self._record(req, usage, outcome, estimated=True, deployment=None)
+            self._settle(ticket, usage.total_tokens)
+
+        if req.body_bytes <= COUNT_INLINE_MAX_BYTES and len(text) <= COUNT_INLINE_MAX_BYTES:
+            prompt = self._counter.count_prompt(req.body, req.endpoint.value)
+            record(TokenUsage(prompt, self._counter.count_text(text, req.model) if text else 0))
+            return
+
+        async def count_then_record() -> None:
+            record(await self._estimate(req, text))
+
+        self._spawn(count_then_record())
+
+    async def embed(self, req: ProxyRequest) -> Completion:
         """Embeddings, returned in input order in the encoding the client asked for."""
-        if req.body.get("dimensions") is not None:
+        if req.params.dimensions is not None:
             deps = self.proxy.router.deployments(req.model, req.endpoint)
             if not all(d.supports_dimensions for d in deps):
                 raise InvalidRequestError(
@@ -305,16 +368,39 @@ class InferenceService:
                     param="dimensions",
                     code="unsupported_parameter",
                 )
-        result = await self.complete(req)
-        data = result.get("data")
+        answer = await self.complete(req)
+        data = answer.body.get("data")
         if not isinstance(data, list) or not data:
-            raise UpstreamError("The upstream returned no embeddings.")
+            raise UpstreamError("The upstream returned no embeddings.", headers=dict(answer.headers))
         data.sort(key=lambda d: d.get("index", 0))
-        if req.body.get("encoding_format") == "base64":
+        if req.params.base64:
             for item in data:
                 if isinstance(item.get("embedding"), list):
                     item["embedding"] = encode_base64(item["embedding"])
-        return result
+        return answer
+
+
+@dataclass(frozen=True, slots=True)
+class _Begun:
+    """A request past its checks: the admission ticket, reply headers and cache lookup."""
+
+    ticket: Ticket | None
+    headers: dict[str, str]
+    cache_key: str | None
+    hit: dict[str, Any] | None
+
+
+def _cache_header(headers: dict[str, str], key: str | None, hit: dict[str, Any] | None) -> dict[str, str]:
+    """``headers`` plus ``x-tail-cache: hit|miss`` when the cache was consulted."""
+    if key is None:
+        return headers
+    return {**headers, "x-tail-cache": "hit" if hit is not None else "miss"}
+
+
+def _carry_headers(exc: TailError, headers: dict[str, str]) -> None:
+    """An error after admission still carries the rate-limit headers, as OpenAI's do."""
+    if headers:
+        exc.headers = {**headers, **exc.headers}
 
 
 def _result_text(result: dict[str, Any]) -> str:

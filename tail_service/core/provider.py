@@ -1,6 +1,7 @@
 """The seam between the model proxy and the adapters: the Provider protocol and its errors.
 
-``core`` declares what it needs; ``providers/`` implements it and ``app.py`` wires the
+``core`` declares what it needs; ``providers/`` implements it (raising the
+``ProviderError`` branch of :mod:`tail_service.errors`) and ``app.py`` wires the
 concrete classes. Providers do transport and translation only: no retries, no
 fallback, no cooldown (that is :mod:`tail_service.core.proxy`'s job), so every adapter
 gets the same failure policy.
@@ -19,76 +20,27 @@ from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from tail_service.core.types import UpstreamCall
+from tail_service.errors import (
+    ProviderConnectionError,
+    ProviderError,
+    ProviderHTTPError,
+    ProviderProtocolError,
+    ProviderStreamCut,
+    ProviderTimeoutError,
+    ProviderUnsupportedError,
+)
 
-
-class ProviderError(Exception):
-    """An attempt against one deployment failed.
-
-    ``retryable``: worth retrying on the same deployment (after ``retry_after`` seconds
-    when the upstream said so). ``failover``: worth trying another deployment.
-    """
-
-    retryable: bool = False
-    failover: bool = True
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-
-
-class ProviderHTTPError(ProviderError):
-    """The upstream answered with a non-2xx status.
-
-    429, 408, 409 and 5xx are retryable and fail over. 401/403 fail over (the
-    credential of this deployment is bad) but are not retried. Other 4xx are the
-    caller's fault: neither retried nor failed over, and shown to the client.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        retry_after: float | None = None,
-        body: Any = None,
-    ) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.status = status
-        self.body = body
-        self.retryable = status in (408, 409, 429) or status >= 500
-        self.failover = self.retryable or status in (401, 403)
-
-
-class ProviderConnectionError(ProviderError):
-    """Connecting failed, or the connection broke before a response."""
-
-    retryable = True
-
-
-class ProviderTimeoutError(ProviderError):
-    """The attempt ran past its deadline."""
-
-    retryable = True
-
-
-class ProviderProtocolError(ProviderError):
-    """The upstream answered with something that is not its documented wire format."""
-
-    retryable = True
-
-
-class ProviderStreamCut(ProviderError):
-    """A stream ended or broke before its end marker."""
-
-    retryable = True
-
-
-class ProviderUnsupportedError(ProviderError):
-    """The adapter cannot serve this operation or parameter (e.g. embeddings on Anthropic)."""
-
-    retryable = False
-    failover = True
+#: the failures an adapter raises (defined in :mod:`tail_service.errors`, the one tree)
+__all__ = [
+    "Provider",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderHTTPError",
+    "ProviderProtocolError",
+    "ProviderStreamCut",
+    "ProviderTimeoutError",
+    "ProviderUnsupportedError",
+]
 
 
 class Provider(Protocol):

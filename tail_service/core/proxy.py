@@ -124,12 +124,24 @@ def _meaningful(chunk: dict[str, Any]) -> bool:
     return False
 
 
-_CALLS = {
-    Endpoint.CHAT: "chat",
-    Endpoint.COMPLETION: "completion",
-    Endpoint.EMBEDDING: "embeddings",
-}
-_STREAMS = {Endpoint.CHAT: "chat_stream", Endpoint.COMPLETION: "completion_stream"}
+async def _call_provider(provider: Provider, endpoint: Endpoint, call: UpstreamCall) -> dict[str, Any]:
+    """The provider's one-shot method for ``endpoint``."""
+    if endpoint is Endpoint.CHAT:
+        return await provider.chat(call)
+    if endpoint is Endpoint.COMPLETION:
+        return await provider.completion(call)
+    return await provider.embeddings(call)
+
+
+def _open_provider_stream(
+    provider: Provider, endpoint: Endpoint, call: UpstreamCall
+) -> AsyncGenerator[dict[str, Any], None]:
+    """The provider's streaming method for ``endpoint`` (chat or legacy completion)."""
+    if endpoint is Endpoint.CHAT:
+        return provider.chat_stream(call)
+    if endpoint is Endpoint.COMPLETION:
+        return provider.completion_stream(call)
+    raise ProviderUnsupportedError(f"{endpoint.value} cannot be streamed")
 
 
 class ModelProxy:
@@ -223,9 +235,8 @@ class ModelProxy:
         while True:
             dep, remaining = step
             provider = self._providers[dep.provider]
-            method = getattr(provider, _CALLS[req.endpoint])
             try:
-                result: dict[str, Any] = await method(self._call(req, dep, remaining))
+                result = await _call_provider(provider, req.endpoint, self._call(req, dep, remaining))
             except ProviderError as exc:
                 step = await attempts.asend(exc)
                 continue
@@ -248,9 +259,7 @@ class ModelProxy:
         while True:
             dep, remaining = step
             provider = self._providers[dep.provider]
-            upstream: AsyncGenerator[dict[str, Any], None] = getattr(provider, _STREAMS[req.endpoint])(
-                self._call(req, dep, remaining)
-            )
+            upstream = _open_provider_stream(provider, req.endpoint, self._call(req, dep, remaining))
             held: list[dict[str, Any]] = []
             try:
                 async with asyncio.timeout(remaining):

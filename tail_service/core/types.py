@@ -11,6 +11,7 @@ wire round trip per request and per stream chunk.
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,27 @@ ANONYMOUS = Principal(key_id="anonymous", tenant="anonymous", name="anonymous")
 
 
 @dataclass(frozen=True, slots=True)
+class RequestParams:
+    """The request fields the gateway itself acts on, parsed strictly once at the edge.
+
+    Everything else in the body passes through to the upstream as the client sent it
+    (validated, but not read here).
+    """
+
+    stream: bool = False
+    #: ``stream_options.include_usage`` as the client asked
+    include_usage: bool = False
+    #: choices asked for (``n``)
+    n: int = 1
+    #: ``max_completion_tokens``, else ``max_tokens``; ``None`` when the client set neither
+    max_output_tokens: int | None = None
+    #: embeddings: ``dimensions`` when given
+    dimensions: int | None = None
+    #: embeddings: ``encoding_format`` is ``base64``
+    base64: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyRequest:
     """A validated client request on its way to a deployment."""
 
@@ -107,17 +129,38 @@ class ProxyRequest:
     model: str
     #: the validated wire body; unknown fields are kept for pass-through
     body: dict[str, Any]
-    stream: bool = False
-    #: ``stream_options.include_usage`` as the client asked
-    include_usage: bool = False
+    params: RequestParams = RequestParams()
     request_id: str = ""
     #: headers to forward upstream (already filtered)
     forward_headers: tuple[tuple[str, str], ...] = ()
     principal: Principal = ANONYMOUS
-    #: headers for the response (rate-limit headers), filled in by the core
-    reply_headers: dict[str, str] = field(default_factory=dict)
     #: ``x-tail-cache``: ``use``, ``skip`` or ``refresh`` (see :mod:`tail_service.core.cache`)
     cache_mode: str = "skip"
+    #: size of the request body in bytes (large prompts are counted off the event loop)
+    body_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole answer: the OpenAI-shaped body, its usage, and the headers for the reply."""
+
+    body: dict[str, Any]
+    usage: TokenUsage
+    #: rate-limit and cache headers for the response
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkStream:
+    """A stream that has produced its first chunk: nothing has been sent to the client yet.
+
+    ``first`` is already in hand, so failures before it were ordinary errors with a status
+    code; ``rest`` yields the remaining chunks and must be closed (``aclose``) if dropped.
+    """
+
+    first: dict[str, Any]
+    rest: AsyncGenerator[dict[str, Any], None]
+    headers: Mapping[str, str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tail_service.schemas.common import OpenAIModel
+from tail_service.core.types import RequestParams
+from tail_service.schemas.common import OpenAIModel, RequestSchema
 
 
 class ContentPart(OpenAIModel):
@@ -100,8 +101,7 @@ class ResponseFormat(OpenAIModel):
     type: Literal["text", "json_object", "json_schema"]
 
 
-class ChatCompletionRequest(OpenAIModel):
-    model: str = Field(min_length=1)
+class ChatCompletionRequest(RequestSchema):
     messages: list[Message] = Field(min_length=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -131,3 +131,14 @@ class ChatCompletionRequest(OpenAIModel):
         if isinstance(self.tool_choice, str) and self.tool_choice not in ("none", "auto", "required"):
             raise ValueError("`tool_choice` must be 'none', 'auto', 'required' or an object")
         return self
+
+    def params(self) -> RequestParams:
+        opts = self.stream_options
+        return RequestParams(
+            stream=self.stream is True,
+            include_usage=opts is not None and opts.include_usage is True,
+            n=self.n or 1,
+            max_output_tokens=self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens,
+        )

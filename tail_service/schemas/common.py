@@ -1,24 +1,29 @@
 """Shared pieces of the wire schemas, and the translation of validation errors.
 
 The schemas validate what the service needs and what the OpenAI spec bounds, and
-allow every other field (``extra="allow"``) so vendor parameters pass through. They
-are used only to validate: the API forwards the parsed dict, not a re-dump of the
-model, so nothing the client sent is reshaped on the way.
+allow every other field (``extra="allow"``) so vendor parameters pass through.
+Validation is strict (JSON types as the spec gives them: ``"stream": "true"``,
+``"n": 2.0`` or ``"seed": false`` are 400s, never coerced), so the dict that goes
+upstream holds exactly what was validated. The API forwards that dict, not a re-dump
+of the model, so nothing the client sent is reshaped on the way; the fields the gateway
+acts on are read once from the validated model (``params()``).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tail_service.core.types import RequestParams
 from tail_service.errors import InvalidRequestError
 
 
 class OpenAIModel(BaseModel):
     """Base for request schemas: unknown fields are allowed and kept."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, strict=True)
 
 
 #: union-member tags pydantic puts into error locations; not part of the JSON path
@@ -61,11 +66,24 @@ def to_request_error(exc: ValidationError) -> InvalidRequestError:
     )
 
 
-def validate_body(schema: type[BaseModel], body: Any) -> None:
-    """Validate ``body`` against ``schema``, raising the OpenAI-style 400 on failure."""
+class RequestSchema(OpenAIModel):
+    """A request body the gateway acts on: it names a model and gives typed parameters."""
+
+    model: str = Field(min_length=1)
+
+    @abstractmethod
+    def params(self) -> RequestParams:
+        """The fields the gateway acts on, typed (the rest passes through)."""
+
+
+def parse_body(schema: type[RequestSchema], body: Any) -> RequestParams:
+    """Validate ``body`` against ``schema`` (strictly) and return its typed parameters.
+
+    Raises the OpenAI-style 400 with ``param`` set on the first failure.
+    """
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
     try:
-        schema.model_validate(body)
+        return schema.model_validate(body).params()
     except ValidationError as exc:
         raise to_request_error(exc) from None

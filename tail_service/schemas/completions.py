@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from tail_service.core.types import RequestParams
 from tail_service.schemas.chat import StreamOptions
-from tail_service.schemas.common import OpenAIModel
+from tail_service.schemas.common import RequestSchema
 
 
-class CompletionRequest(OpenAIModel):
-    model: str = Field(min_length=1)
+class CompletionRequest(RequestSchema):
     prompt: str | list[str] | list[int] | list[list[int]] = "<|endoftext|>"
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -26,3 +26,12 @@ class CompletionRequest(OpenAIModel):
     seed: int | None = None
     suffix: str | None = None
     user: str | None = None
+
+    def params(self) -> RequestParams:
+        opts = self.stream_options
+        return RequestParams(
+            stream=self.stream is True,
+            include_usage=opts is not None and opts.include_usage is True,
+            n=self.n or 1,
+            max_output_tokens=self.max_tokens,
+        )

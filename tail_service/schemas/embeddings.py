@@ -6,13 +6,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from tail_service.schemas.common import OpenAIModel
+from tail_service.core.types import RequestParams
+from tail_service.schemas.common import RequestSchema
 
 MAX_INPUTS = 2048
 
 
-class EmbeddingRequest(OpenAIModel):
-    model: str = Field(min_length=1)
+class EmbeddingRequest(RequestSchema):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1)
@@ -35,3 +35,6 @@ class EmbeddingRequest(OpenAIModel):
             if isinstance(item, str | list) and not item:
                 raise ValueError("input items must not be empty")
         return v
+
+    def params(self) -> RequestParams:
+        return RequestParams(dimensions=self.dimensions, base64=self.encoding_format == "base64")
