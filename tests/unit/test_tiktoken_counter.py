@@ -304,3 +304,57 @@ def test_hash_mismatch_is_rejected(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_unsupported_encoding_name() -> None:
     with pytest.raises(ValueError, match="unsupported encoding"):
         TiktokenCounter().encoding("p50k_base")
+
+
+# ------------------------------------------------------------------ the published encodings, pinned
+
+
+@pytest.mark.parametrize("name", tokens.SUPPORTED_ENCODINGS)
+def test_specs_match_what_tiktoken_publishes(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our pattern, special tokens and hash are tiktoken's own: an upgrade that changes them fails here."""
+    from tiktoken_ext import openai_public
+
+    seen: dict[str, Any] = {}
+
+    def no_download(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        seen["hash"] = expected_hash
+        return {}
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", no_download)
+    published = openai_public.ENCODING_CONSTRUCTORS[name]()
+    spec = tokens.ENCODING_SPECS[name]
+    assert published["pat_str"] == spec.pat_str
+    assert published["special_tokens"] == dict(spec.special_tokens)
+    assert seen["hash"] == spec.sha256
+
+
+def test_known_token_ids(counter: TiktokenCounter) -> None:
+    """The OpenAI cookbook's example ids (and the ranks dict emptied after building did not matter)."""
+    assert counter.encoding("cl100k_base").encode_ordinary("tiktoken is great!") == [
+        83,
+        1609,
+        5963,
+        374,
+        2294,
+        0,
+    ]
+    assert counter.encoding("o200k_base").encode_ordinary("tiktoken is great!") == [
+        83,
+        8251,
+        2488,
+        382,
+        2212,
+        0,
+    ]
+
+
+@pytest.mark.parametrize("name", tokens.SUPPORTED_ENCODINGS)
+def test_long_text_counted_in_pieces_is_exact(name: str, counter: TiktokenCounter) -> None:
+    import random
+
+    rng = random.Random(7)
+    words = ["".join(rng.choices("abcdefghijXYZéß的 ", k=rng.randint(1, 9))) for _ in range(500)]
+    text = " ".join(rng.choices([*words, "\n", "  ", "12345", " ,", "\t\t"], k=40_000))
+    assert len(text) > 5 * tokens.PIECE_CHARS
+    enc = counter.encoding(name)
+    assert tokens._encoded_len(enc, text) == len(enc.encode_ordinary(text))
