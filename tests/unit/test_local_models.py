@@ -461,16 +461,17 @@ async def test_embeddings_shape_norm_similarity(provider: LocalProvider) -> None
 
 @slow
 async def test_embeddings_token_array_input(provider: LocalProvider) -> None:
+    """Token arrays are cl100k_base ids (what OpenAI clients send), decoded and re-tokenised."""
     text = await provider.embeddings(embed_call(input="hello world"))
-    for ids in ([7592, 2088], [101, 7592, 2088, 102]):
-        r = await provider.embeddings(embed_call(input=ids))
-        assert r["usage"]["prompt_tokens"] == 4
-        assert vec(r) @ vec(text) > 0.9999
-    r = await provider.embeddings(embed_call(input=[[7592, 2088], [7592]]))
+    r = await provider.embeddings(embed_call(input=[15339, 1917]))  # "hello world" in cl100k_base
+    assert r["usage"]["prompt_tokens"] == 4  # [CLS] hello world [SEP]
+    assert vec(r) @ vec(text) > 0.9999
+    r = await provider.embeddings(embed_call(input=[[15339, 1917], [15339]]))
     assert len(r["data"]) == 2 and r["usage"]["prompt_tokens"] == 7
-    with pytest.raises(ProviderHTTPError) as info:
-        await provider.embeddings(embed_call(input=[[7592, 99999]]))
-    assert info.value.status == 400
+    for bad_id in (100261, 99999999, -1):  # a gap in cl100k's ids, past its end, negative
+        with pytest.raises(ProviderHTTPError) as info:
+            await provider.embeddings(embed_call(input=[[15339, bad_id]]))
+        assert info.value.status == 400 and str(bad_id) in info.value.message
     for bad in ("", [], [""], None, [1.5]):
         with pytest.raises(ProviderHTTPError):
             await provider.embeddings(embed_call(input=bad))

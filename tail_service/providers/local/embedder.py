@@ -5,27 +5,34 @@ truncated to :data:`MAX_TOKENS` tokens, padded to the longest input of the batch
 forward pass, mean pooling of ``last_hidden_state`` over the attention mask, then L2
 normalisation. Output vectors are unit length (``float32``).
 
-Token-id inputs (OpenAI allows ``int[]`` / ``int[][]``) are taken as *this model's own*
-WordPiece ids (vocabulary of 30522; they are not tiktoken ids, which would be meaningless
-here): ``[CLS]`` (101) is prepended and ``[SEP]`` (102) appended when missing, and the
-sequence is truncated to :data:`MAX_TOKENS` keeping the final ``[SEP]``.
+Token-id inputs (OpenAI allows ``int[]`` / ``int[][]``) are ids of
+:data:`TOKEN_ARRAY_ENCODING`, the encoding clients use for OpenAI's embedding models
+(LangChain's ``OpenAIEmbeddings`` sends every text that way on its defaults). They mean
+nothing to WordPiece, so they are decoded to text and tokenised again, as if the text had
+been sent; an id that encoding does not have is a 400.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+from tail_service.tiktoken_counter import TiktokenCounter
+
+if TYPE_CHECKING:
+    import tiktoken
 
 #: WordPiece tokens per input, including [CLS] and [SEP] (the model was trained at 256)
 MAX_TOKENS = 256
 #: output dimensions
 DIMENSIONS = 384
-CLS_ID = 101
-SEP_ID = 102
 PAD_ID = 0
+#: what token-array inputs are ids of (OpenAI's text-embedding-3-* and ada-002 tokenizer)
+TOKEN_ARRAY_ENCODING = "cl100k_base"
 
 
 class EmbedInputError(ValueError):
@@ -66,26 +73,29 @@ class MiniLMEmbedder:
         tok.no_padding()
         self._tokenizer = tok
         self.vocab_size = int(tok.get_vocab_size())
+        # Built on the first token-array input (about 0.4 s, once), in the embedding thread.
+        self._openai_tokens = TiktokenCounter()
 
-    def tokenize(self, item: str | Sequence[int]) -> list[int]:
-        """WordPiece ids of one input (text or own-vocabulary ids), with specials, truncated."""
-        if isinstance(item, str):
-            return list(self._tokenizer.encode(item).ids)
-        ids = [int(i) for i in item]
+    def decode_openai_ids(self, ids: Sequence[int]) -> str:
+        """The text behind ``ids`` of :data:`TOKEN_ARRAY_ENCODING` (400 on an unknown id)."""
         if not ids:
             raise EmbedInputError("token array inputs must not be empty")
-        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        enc = self._openai_tokens.encoding(TOKEN_ARRAY_ENCODING)
+        bad = next((i for i in ids if not _decodes(enc, i)), None)
         if bad is not None:
             raise EmbedInputError(
-                f"token id {bad} is outside this model's WordPiece vocabulary (0..{self.vocab_size - 1})"
+                f"token id {bad} is not a {TOKEN_ARRAY_ENCODING} token id (token-array inputs are "
+                f"{TOKEN_ARRAY_ENCODING} ids, as for OpenAI's embedding models)"
             )
-        if ids[0] != CLS_ID:
-            ids.insert(0, CLS_ID)
-        if ids[-1] != SEP_ID:
-            ids.append(SEP_ID)
-        if len(ids) > MAX_TOKENS:
-            ids = [*ids[: MAX_TOKENS - 1], SEP_ID]
-        return ids
+        return enc.decode_bytes(list(ids)).decode("utf-8", errors="replace")
+
+    def tokenize(self, item: str | Sequence[int]) -> list[int]:
+        """WordPiece ids of one input, with specials, truncated.
+
+        Token arrays are decoded from :data:`TOKEN_ARRAY_ENCODING` first.
+        """
+        text = item if isinstance(item, str) else self.decode_openai_ids([int(i) for i in item])
+        return list(self._tokenizer.encode(text).ids)
 
     def embed_ids(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         """One forward pass over already-tokenised inputs; returns (len(batch), 384) unit rows."""
@@ -112,3 +122,13 @@ class MiniLMEmbedder:
         """Tokenise and embed ``items`` in one forward pass (input order kept)."""
         batch = [self.tokenize(it) for it in items]
         return EmbedResult(self.embed_ids(batch), [len(ids) for ids in batch])
+
+
+def _decodes(enc: tiktoken.Encoding, token: int) -> bool:
+    if not 0 <= token <= enc.max_token_value:
+        return False
+    try:
+        enc.decode_single_token_bytes(token)
+    except KeyError:
+        return False
+    return True
