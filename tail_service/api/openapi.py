@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
+from pydantic_core import core_schema
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
@@ -28,8 +29,8 @@ _ERROR_SCHEMA = {
             "properties": {
                 "message": {"type": "string"},
                 "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "null"]},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
             },
         }
     },
@@ -47,13 +48,68 @@ _DOCS_HTML = """<!doctype html>
 </body></html>"""
 
 
+#: what a JSON integer can be here: the body parser reads integers outside 64 bits as floats,
+#: which the strict validators then refuse, so the document says so
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+#: routes anyone may call (probes); everything else needs an API key
+PUBLIC_PATHS = frozenset({"/health", "/livez", "/readyz"})
+
+
+class _StrictJsonSchema(GenerateJsonSchema):
+    """The validators' JSON Schema, with the 64-bit range every integer really has."""
+
+    def int_schema(self, schema: core_schema.IntSchema) -> JsonSchemaValue:
+        out = super().int_schema(schema)
+        out.setdefault("minimum", INT_MIN)
+        out.setdefault("maximum", INT_MAX)
+        return out
+
+
+def _openapi_30(node: Any) -> Any:
+    """Pydantic's JSON Schema (2020-12) in the OpenAPI 3.0 dialect.
+
+    3.0 because its ``integer`` is a number written without a fraction, as the strict
+    validators (and OpenAI's API) take it: ``"n": 2.0`` is refused. In 3.1 (JSON Schema
+    2020-12), ``2.0`` is an integer too, and the document would promise what the API
+    refuses. The differences used here: ``nullable`` instead of a ``null`` type, and
+    ``enum`` instead of ``const``.
+    """
+    if isinstance(node, list):
+        return [_openapi_30(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _openapi_30(value) for key, value in node.items()}
+    if "const" in out:
+        out["enum"] = [out.pop("const")]
+    types = out.get("type")
+    if isinstance(types, list) and "null" in types:
+        rest = [t for t in types if t != "null"]
+        out["type"] = rest[0] if len(rest) == 1 else rest
+        out["nullable"] = True
+    for key in ("anyOf", "oneOf"):
+        options = out.get(key)
+        if isinstance(options, list) and {"type": "null"} in options:
+            rest = [o for o in options if o != {"type": "null"}]
+            if len(rest) == 1 and "$ref" not in rest[0]:
+                del out[key]
+                out.update(rest[0])
+            else:
+                out[key] = rest
+            out["nullable"] = True
+    return out
+
+
 def build_openapi(title: str, version: str, description: str) -> dict[str, Any]:
-    """An OpenAPI 3.1 document for every route in :data:`ROUTES`."""
+    """An OpenAPI 3.0 document for every route in :data:`ROUTES` (see :func:`_openapi_30`)."""
     models: list[type[BaseModel]] = [s for _, _, _, s, _ in ROUTES if s is not None]
     keyed, defs = models_json_schema(
-        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+        [(m, "validation") for m in models],
+        ref_template="#/components/schemas/{model}",
+        schema_generator=_StrictJsonSchema,
     )
-    schemas: dict[str, Any] = dict(defs.get("$defs", {}))
+    keyed = {k: _openapi_30(v) for k, v in keyed.items()}
+    schemas: dict[str, Any] = _openapi_30(dict(defs.get("$defs", {})))
     schemas["ErrorResponse"] = _ERROR_SCHEMA
     paths: dict[str, dict[str, Any]] = {}
     for method, path, handler, schema, summary in ROUTES:
@@ -70,6 +126,8 @@ def build_openapi(title: str, version: str, description: str) -> dict[str, Any]:
                 },
             },
         }
+        if path in PUBLIC_PATHS:
+            op["security"] = []
         if schema is not None:
             op["requestBody"] = {
                 "required": True,
@@ -81,7 +139,7 @@ def build_openapi(title: str, version: str, description: str) -> dict[str, Any]:
             op["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}]
         paths.setdefault(api_path, {})[method.lower()] = op
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.0.3",
         "info": {"title": title, "version": version, "description": description},
         "paths": paths,
         "components": {

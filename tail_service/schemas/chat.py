@@ -4,28 +4,46 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from tail_service.core.types import RequestParams
 from tail_service.schemas.common import OpenAIModel, RequestSchema
 
 
-class ContentPart(OpenAIModel):
-    """One part of a multi-part message; ``text`` parts must carry text."""
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
 
-    type: str
 
-    @model_validator(mode="after")
-    def _check(self) -> ContentPart:
-        extra = self.model_extra or {}
-        if self.type == "text" and not isinstance(extra.get("text"), str):
-            raise ValueError("a text part needs a string `text`")
-        if self.type == "image_url":
-            img = extra.get("image_url")
-            if not isinstance(img, dict) or not isinstance(img.get("url"), str):
-                raise ValueError("an image_url part needs `image_url.url`")
-        return self
+class ImageURL(OpenAIModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
 
+
+class ImagePart(OpenAIModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class AudioPart(OpenAIModel):
+    type: Literal["input_audio"]
+    input_audio: dict[str, Any]
+
+
+class FilePart(OpenAIModel):
+    type: Literal["file"]
+    file: dict[str, Any]
+
+
+class RefusalPart(OpenAIModel):
+    type: Literal["refusal"]
+    refusal: str
+
+
+#: one part of a multi-part message, by its ``type``
+ContentPart = Annotated[
+    TextPart | ImagePart | AudioPart | FilePart | RefusalPart, Field(discriminator="type")
+]
 
 Content = str | list[ContentPart]
 
@@ -82,15 +100,17 @@ class FunctionDef(OpenAIModel):
     strict: bool | None = None
 
 
-class Tool(OpenAIModel):
-    type: str
-    function: FunctionDef | None = None
+class FunctionTool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDef
 
-    @model_validator(mode="after")
-    def _check(self) -> Tool:
-        if self.type == "function" and self.function is None:
-            raise ValueError("a function tool needs `function`")
-        return self
+
+class CustomTool(OpenAIModel):
+    type: Literal["custom"]
+    custom: dict[str, Any]
+
+
+Tool = Annotated[FunctionTool | CustomTool, Field(discriminator="type")]
 
 
 class StreamOptions(OpenAIModel):
@@ -118,19 +138,11 @@ class ChatCompletionRequest(RequestSchema):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     seed: int | None = None
     tools: list[Tool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
-            raise ValueError("`top_logprobs` requires `logprobs` to be true")
-        if isinstance(self.tool_choice, str) and self.tool_choice not in ("none", "auto", "required"):
-            raise ValueError("`tool_choice` must be 'none', 'auto', 'required' or an object")
-        return self
 
     def params(self) -> RequestParams:
         opts = self.stream_options

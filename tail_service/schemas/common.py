@@ -26,35 +26,80 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, strict=True)
 
 
-#: union-member tags pydantic puts into error locations; not part of the JSON path
-_TAGS = frozenset(
-    {"system", "developer", "user", "assistant", "tool", "function", "str", "int", "list", "dict"}
-)
+def _param(loc: tuple[int | str, ...], body: Any, *, missing: bool) -> str | None:
+    """The JSON path of an error location, e.g. ``messages[0].content``.
 
-
-def _param(loc: tuple[int | str, ...]) -> str | None:
+    Pydantic puts union-member tags (``user``, ``function``, ``list[str]``...) into its
+    locations; they are not part of the path. They are told apart by walking the body: a
+    part that is not a key (or index) of the value reached so far is a tag, except the
+    last part of a "missing" error, which names the absent field.
+    """
     out = ""
-    for part in loc:
+    node = body
+    for i, part in enumerate(loc):
         if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in _TAGS or "[" in part or part.startswith(("function-", "json-or-python")):
+            if isinstance(node, list) and 0 <= part < len(node):
+                node = node[part]
+                out += f"[{part}]"
             continue
-        else:
-            out += f".{part}" if out else part
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif not (missing and i == len(loc) - 1):
+            continue
+        out += f".{part}" if out else part
     return out or None
 
 
-def to_request_error(exc: ValidationError) -> InvalidRequestError:
+#: pydantic's type errors -> what the field takes, in OpenAI's words
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "bool_type": "a boolean",
+    "string_type": "a string",
+    "float_type": "a number",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
+def _json_kind(value: Any) -> str:
+    """How OpenAI names the JSON type of ``value`` in its messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def to_request_error(exc: ValidationError, body: Any) -> InvalidRequestError:
     """The first validation failure as an OpenAI 400 with ``param`` set."""
     errors = exc.errors(include_url=False)
     # Prefer the most specific error (the deepest location) of the first field.
     err = max(errors, key=lambda e: len(e["loc"])) if errors else None
     if err is None:
         return InvalidRequestError("Invalid request body.")
-    param = _param(tuple(err["loc"]))
+    param = _param(tuple(err["loc"]), body, missing=err["type"] == "missing")
     if err["type"] == "missing":
         return InvalidRequestError(
             f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    expected = _EXPECTED.get(err["type"])
+    if expected is not None and param:
+        return InvalidRequestError(
+            f"Invalid type for '{param}': expected {expected}, "
+            f"but got {_json_kind(err.get('input'))} instead.",
+            param=param,
+            code="invalid_type",
         )
     msg = err["msg"]
     if msg.startswith("Value error, "):
@@ -86,4 +131,4 @@ def parse_body(schema: type[RequestSchema], body: Any) -> RequestParams:
     try:
         return schema.model_validate(body).params()
     except ValidationError as exc:
-        raise to_request_error(exc) from None
+        raise to_request_error(exc, body) from None

@@ -687,13 +687,15 @@ def test_embeddings_dimensions(c: openai.OpenAI, cl: openai.OpenAI, upstream: Fa
 
 
 @pytest.mark.parametrize(
-    "bad", ["", [], [""], [[]]], ids=["empty-str", "empty-list", "empty-item", "empty-tokens"]
+    ("bad", "param"),
+    [("", "input"), ([], "input"), ([""], "input[0]"), ([[]], "input[0]")],
+    ids=["empty-str", "empty-list", "empty-item", "empty-tokens"],
 )
-def test_embeddings_empty_input_is_400(c: openai.OpenAI, upstream: FakeOpenAI, bad: Any) -> None:
+def test_embeddings_empty_input_is_400(c: openai.OpenAI, upstream: FakeOpenAI, bad: Any, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as ei:
         c.embeddings.create(model="org/embed-test", input=bad)
-    assert ei.value.param == "input"
-    assert_error_envelope(ei.value.response, 400, param="input", type_="invalid_request_error")
+    assert ei.value.param == param
+    assert_error_envelope(ei.value.response, 400, param=param, type_="invalid_request_error")
     assert upstream.requests == []
 
 

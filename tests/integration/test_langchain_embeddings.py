@@ -45,9 +45,7 @@ def test_langchain_openai_embeddings_defaults_match_string_input(
 ) -> None:
     from langchain_openai import OpenAIEmbeddings
 
-    app = make_app(
-        [{"name": LOCAL_EMBED_MODEL, "provider": "local", "upstream_model": "all-minilm-l6-v2"}]
-    )
+    app = make_app([{"name": LOCAL_EMBED_MODEL, "provider": "local", "upstream_model": "all-minilm-l6-v2"}])
     texts = [
         "The quick brown fox jumps over the lazy dog.",
         "A man is eating a piece of bread.",
