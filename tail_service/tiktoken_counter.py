@@ -21,11 +21,13 @@ skipped. Special-token text (``<|endoftext|>``) in input is counted as ordinary 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import importlib.util
 import json
 import threading
+import time
 import types
 from base64 import b64decode
 from collections.abc import Mapping
@@ -39,7 +41,9 @@ if TYPE_CHECKING:
 #: encodings this module can build
 SUPPORTED_ENCODINGS = ("cl100k_base", "o200k_base")
 #: texts longer than this are encoded in pieces (see :func:`_encoded_len`)
-PIECE_CHARS = 16384
+PIECE_CHARS = 8192
+#: seconds a worker thread sleeps between pieces, so the event loop gets the GIL at once
+PIECE_PAUSE = 0.0005
 #: encoding used for models tiktoken does not know
 DEFAULT_ENCODING = "o200k_base"
 #: per-message overhead of the chat format (``<|start|>{role}...<|end|>``), OpenAI cookbook
@@ -155,22 +159,37 @@ def _build_encoding(name: str) -> tiktoken.Encoding:
     return enc
 
 
+def _off_event_loop() -> bool:
+    """True in a worker thread (no event loop runs here)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
+
+
 def _encoded_len(enc: tiktoken.Encoding, text: str) -> int:
     """``len(enc.encode_ordinary(text))``, in pieces for long texts.
 
     A long text is cut just before a space, about every :data:`PIECE_CHARS` characters.
     Both patterns attach a leading space to the word after it, so the count is the same
     as in one piece (a text with no space in a whole piece is cut where it is, which can
-    add a token at the cut). Each piece's ids make a short list, so a worker thread that
-    counts a 30 MB prompt gives the event loop the GIL between pieces instead of holding
-    it for the hundreds of milliseconds one list of millions of ids takes to build.
+    add a token at the cut).
+
+    tiktoken holds the GIL while it encodes, so a worker thread counting a 30 MB prompt
+    in one call would hold up the event loop for seconds. In pieces, with a short sleep
+    between them off the event loop, the loop gets the GIL back within a piece's time
+    (about a millisecond) whenever it wants it.
     """
     n = len(text)
     if n <= PIECE_CHARS:
         return len(enc.encode_ordinary(text))
+    pause = PIECE_PAUSE if _off_event_loop() else 0.0
     total = 0
     start = 0
     while start < n:
+        if pause and start:
+            time.sleep(pause)
         end = start + PIECE_CHARS
         if end >= n:
             end = n

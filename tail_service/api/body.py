@@ -16,14 +16,18 @@ async def read_json(request: Request, limit: int) -> tuple[dict[str, Any], int]:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
-    chunks: list[bytes] = []
-    size = 0
+    # One chunk (the usual case) is used as is; more are appended as they arrive, so a large
+    # body is never joined in one long step on the event loop.
+    raw: bytes | bytearray = b""
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(raw) + len(chunk) > limit:
             raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
-        chunks.append(chunk)
-    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not raw:
+            raw = chunk
+        else:
+            if isinstance(raw, bytes):
+                raw = bytearray(raw)
+            raw += chunk
     if not raw:
         raise InvalidRequestError(
             "We could not parse the JSON body of your request: the body is empty.",
