@@ -25,7 +25,7 @@ import bisect
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.crc import key_slot
@@ -162,13 +162,14 @@ class ClusterPipelinedRedis:
                     timeout=_REFRESH_STAGGER if candidates else None,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
+                answers = [t for t in done if t.exception() is None]  # every outcome retrieved
+                if answers:
+                    self._apply(answers[0].result(), owner[answers[0]])
+                    return
                 for task in done:
                     exc = task.exception()
-                    if exc is None:
-                        self._apply(task.result(), owner[task])
-                        return
                     if not isinstance(exc, (*_NODE_ERRORS, ResponseError, TimeoutError)):
-                        raise exc
+                        raise cast(BaseException, exc)
                     error = exc
         finally:
             for task in pending:
@@ -236,6 +237,11 @@ class ClusterPipelinedRedis:
                 node, asking = self._node(addr), kind == "ASK"
                 if kind == "MOVED":
                     await self.refresh(timeout=left())
+            except TimeoutError:  # before _NODE_ERRORS: a TimeoutError is an OSError
+                # a hung node, or a dead host: a replica may be taking over; the next
+                # calls get the new map, this one has no time left for it
+                self._refresh_soon()
+                raise
             except _NODE_ERRORS:
                 if attempt == _ATTEMPTS - 1:
                     raise
@@ -248,11 +254,6 @@ class ClusterPipelinedRedis:
                 if owner is None or self._node(owner) is failed:
                     raise
                 node, asking = self._node(owner), False
-            except TimeoutError:
-                # a hung node, or a dead host: a replica may be taking over; the next
-                # calls get the new map, this one has no time left for it
-                self._refresh_soon()
-                raise
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def execute_keyed(self, key: Arg, *args: Arg, timeout: float | None = None) -> Reply:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
@@ -287,7 +288,7 @@ class ClusterPipelinedRedis:
         def on_reply(reply: Reply) -> None:
             redirect = _redirect(reply)
             if redirect is None:
-                if isinstance(reply, (*_NODE_ERRORS, TimeoutError)):  # the node is gone: a failover?
+                if isinstance(reply, _NODE_ERRORS):  # the node is gone (or hung): a failover?
                     self._refresh_soon()
                 callback(reply)
                 return
