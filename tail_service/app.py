@@ -9,11 +9,12 @@ them at shutdown. Nothing is created at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -67,103 +68,142 @@ def _http_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
+class _Closers:
+    """An :class:`~contextlib.AsyncExitStack` for the lifespan's resources, each registered the
+    moment it exists, so a start-up that fails part way closes exactly what it built.
+
+    Closers run in reverse order of registration. One that raises is logged and does not
+    stop the others (a failed close must not leak the rest); cancellation still propagates.
+    """
+
+    def __init__(self, stack: AsyncExitStack) -> None:
+        self._stack = stack
+
+    def add(self, name: str, close: Callable[[], Awaitable[object]]) -> None:
+        async def run() -> None:
+            try:
+                await close()
+            except Exception:
+                log.exception("closing %s failed", name)
+
+        self._stack.push_async_callback(run)
+
+    def task(self, name: str, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` (and wait for it) at exit."""
+
+        async def cancel() -> None:
+            if task.done():  # its outcome is its awaiter's to report
+                if not task.cancelled():
+                    task.exception()
+                return
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self.add(name, cancel)
+
+
 @asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    session = _http_session(settings)
-    deployments = build_deployments(settings.model_entries())
-    router = ModelRouter(deployments, monotonic=time.monotonic)
-    providers = build_providers(deployments, session, settings.local)
-    counter = TiktokenCounter()
-    # Load the BPE tables the configured upstream models use (each costs ~0.4 s and
-    # ~45 MB) off the event loop, in the background, so start-up is not held up. The
-    # local models count their own tokens exactly and need none.
-    encodings = {counter.encoding_name_for(d.upstream_model) for d in deployments if d.provider != "local"}
-    # Awaited before the service reports ready: a request that needs a count while a
-    # table is being built would wait on the tokenizer's lock, holding up the event loop.
-    warm = asyncio.create_task(asyncio.to_thread(lambda: [counter.encoding(n) for n in sorted(encodings)]))
-    metrics = Metrics()
-    auth, secrets = _security_clients(settings)
-    proxy = ModelProxy(
-        router,
-        providers,
-        Credentials(settings.credentials, secrets),
-        request_timeout=settings.server.request_timeout,
-        monotonic=time.monotonic,
-    )
-    redis_client, limiter = _limiter(settings)
-    admitter = (
-        Admitter(limiter, router, counter, default_max_tokens=settings.ratelimit.default_max_tokens)
-        if limiter is not None
-        else None
-    )
-    services = Services(
-        settings=settings,
-        inference=InferenceService(
-            proxy,
-            counter,
-            MetricsUsageSink(metrics),
-            admitter,
-            cache=RedisResponseCache(redis_client, timeout=settings.redis.timeout)
-            if redis_client is not None
-            else None,
-            cache_ttl=settings.cache.ttl,
-        ),
-        router=router,
-        providers=providers,
-        metrics=metrics,
-        auth=auth,
-    )
-
-    async def providers_health() -> dict[str, Any]:
-        return {"status": "ok", "adapters": sorted(providers)}
-
-    services.health_checks["providers"] = providers_health
-    if isinstance(auth, AuthClient):
-        auth.start()
-        services.health_checks["auth_service"] = auth.health
-    if secrets is not None:
-        await secrets.start()
-        services.health_checks["secret_service"] = secrets.health
-    if redis_client is not None:
-        services.health_checks["redis"] = _redis_health(redis_client, limiter)
-    local_health = getattr(providers.get("local"), "health", None)
-    if local_health is not None:
-        services.health_checks["local_models"] = local_health
-    if settings.local.preload and "local" in providers:
-        local: Any = providers["local"]
-        for dep in deployments:
-            if dep.provider == "local":
-                await local.warm(dep.upstream_model)
-    await warm
-    if limiter is not None:
-        await limiter.prepare()
-    # Everything built so far lives as long as the process: move it out of the garbage
-    # collector's reach, so a full collection under load walks only per-request objects
-    # (measured: gen-2 pauses of 35-100 ms without this, which also tripped the 50 ms
-    # Redis deadline of every admission in flight).
-    gc.collect()
-    gc.freeze()
-    app.state.services = services
-    log.info("tail-service ready", extra={"models": len(router.models())})
-    try:
-        yield
-    finally:
-        app.state.draining = True
-        warm.cancel()
-        for provider in providers.values():
-            await provider.aclose()
-        await session.close()
-        if isinstance(auth, AuthClient):
-            await auth.close()
-        if secrets is not None:
-            await secrets.close()
-        if admitter is not None:
-            await admitter.drain()
-        if limiter is not None:
-            await limiter.close()
+    async with AsyncExitStack() as stack:
+        closers = _Closers(stack)
+        session = _http_session(settings)
+        closers.add("the upstream HTTP session", session.close)
+        deployments = build_deployments(settings.model_entries())
+        router = ModelRouter(deployments, monotonic=time.monotonic)
+        providers = build_providers(deployments, session, settings.local)
+        for name, provider in providers.items():
+            closers.add(f"provider {name}", provider.aclose)
+        counter = TiktokenCounter()
+        # Load the BPE tables the configured upstream models use (each costs ~0.4 s and
+        # ~45 MB) off the event loop, in the background, so start-up is not held up. The
+        # local models count their own tokens exactly and need none.
+        encodings = {
+            counter.encoding_name_for(d.upstream_model) for d in deployments if d.provider != "local"
+        }
+        # Awaited before the service reports ready: a request that needs a count while a
+        # table is being built would wait on the tokenizer's lock, holding up the event loop.
+        warm = asyncio.create_task(
+            asyncio.to_thread(lambda: [counter.encoding(n) for n in sorted(encodings)])
+        )
+        closers.task("the tokenizer warm-up", warm)
+        metrics = Metrics()
+        auth, secrets = _security_clients(settings, closers)
+        proxy = ModelProxy(
+            router,
+            providers,
+            Credentials(settings.credentials, secrets),
+            request_timeout=settings.server.request_timeout,
+            monotonic=time.monotonic,
+        )
+        redis_client, limiter = _limiter(settings)
         if redis_client is not None:
-            await redis_client.close()
+            closers.add("the redis client", redis_client.close)
+        if limiter is not None:
+            closers.add("the rate limiter", limiter.close)
+        admitter = (
+            Admitter(limiter, router, counter, default_max_tokens=settings.ratelimit.default_max_tokens)
+            if limiter is not None
+            else None
+        )
+        if admitter is not None:
+            # closed first: settlements on their way still need the limiter and Redis
+            closers.add("the admitter", admitter.drain)
+        services = Services(
+            settings=settings,
+            inference=InferenceService(
+                proxy,
+                counter,
+                MetricsUsageSink(metrics),
+                admitter,
+                cache=RedisResponseCache(redis_client, timeout=settings.redis.timeout)
+                if redis_client is not None
+                else None,
+                cache_ttl=settings.cache.ttl,
+            ),
+            router=router,
+            providers=providers,
+            metrics=metrics,
+            auth=auth,
+        )
+
+        async def providers_health() -> dict[str, Any]:
+            return {"status": "ok", "adapters": sorted(providers)}
+
+        services.health_checks["providers"] = providers_health
+        if isinstance(auth, AuthClient):
+            auth.start()
+            services.health_checks["auth_service"] = auth.health
+        if secrets is not None:
+            await secrets.start()
+            services.health_checks["secret_service"] = secrets.health
+        if redis_client is not None:
+            services.health_checks["redis"] = _redis_health(redis_client, limiter)
+        local_health = getattr(providers.get("local"), "health", None)
+        if local_health is not None:
+            services.health_checks["local_models"] = local_health
+        if settings.local.preload and "local" in providers:
+            local: Any = providers["local"]
+            for dep in deployments:
+                if dep.provider == "local":
+                    await local.warm(dep.upstream_model)
+        await warm
+        if limiter is not None:
+            await limiter.prepare()
+        # Everything built so far lives as long as the process: move it out of the garbage
+        # collector's reach, so a full collection under load walks only per-request objects
+        # (measured: gen-2 pauses of 35-100 ms without this, which also tripped the 50 ms
+        # Redis deadline of every admission in flight).
+        gc.collect()
+        gc.freeze()
+        app.state.services = services
+        log.info("tail-service ready", extra={"models": len(router.models())})
+        try:
+            yield
+        finally:
+            # before any resource closes: new requests are refused from now on
+            app.state.draining = True
 
 
 def _limiter(settings: Settings) -> tuple[SharedRedis | None, GuardedLimiter | None]:
@@ -205,13 +245,18 @@ def _redis_health(
     return check
 
 
-def _security_clients(settings: Settings) -> tuple[AuthClient | NoAuth, SecretsClient | None]:
-    """The auth-service and secret-service clients this config calls for (mTLS channels)."""
+def _security_clients(
+    settings: Settings, closers: _Closers
+) -> tuple[AuthClient | NoAuth, SecretsClient | None]:
+    """The auth-service and secret-service clients this config calls for (mTLS channels),
+    each registered with ``closers`` as soon as it exists."""
     check_http_settings(settings)
     auth: AuthClient | NoAuth = NoAuth()
     if settings.auth.mode == "grpc":
         assert settings.auth.address is not None
-        auth = AuthClient(ReloadingChannel(settings.auth.address, settings.auth.tls), settings.auth)
+        auth_client = AuthClient(ReloadingChannel(settings.auth.address, settings.auth.tls), settings.auth)
+        closers.add("the auth-service client", auth_client.close)
+        auth = auth_client
     secret_names = {m.api_key_secret for m in settings.models if m.api_key_secret}
     secrets = None
     if secret_names:
@@ -219,6 +264,7 @@ def _security_clients(settings: Settings) -> tuple[AuthClient | NoAuth, SecretsC
         secrets = SecretsClient(
             ReloadingChannel(settings.secrets.address, settings.secrets.tls), settings.secrets, secret_names
         )
+        closers.add("the secret-service client", secrets.close)
     return auth, secrets
 
 

@@ -56,13 +56,18 @@ class EmbeddedRedis:
         return f"unix://{self.socket}"
 
     def start(self, timeout: float = 10.0, *, preexec: Callable[[], None] | None = None) -> EmbeddedRedis:
-        """Start the server and wait until it accepts connections.
+        """Start the server (again, after a crash) and wait until it accepts connections.
 
         ``preexec`` runs in the child before exec (``up`` uses it to tie the server's
         life to its own).
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o700)
+        old = self.proc
+        if old is not None:  # a restart: the previous server must be gone, its pipe closed
+            terminate(old, 1.0)
+            if old.stderr is not None:
+                old.stderr.close()
         self.socket.unlink(missing_ok=True)
         args = [
             str(redis_server_binary()),

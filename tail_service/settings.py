@@ -192,6 +192,9 @@ class RedisSettings(_Frozen):
     breaker_failures: int = Field(default=3, ge=1)
     #: seconds the breaker stays open before one trial call
     breaker_reset: float = Field(default=5.0, gt=0)
+    #: while the breaker is open, seconds between background pings; the first answer
+    #: closes it (a restarted Redis enforces limits again within about this long)
+    breaker_probe_interval: float = Field(default=0.25, gt=0)
 
 
 class RateLimitSettings(_Frozen):

@@ -5,15 +5,22 @@ and certificates (``certs/``), the key-hashing pepper, the secrets master key (c
 secret-service in embedded mode), SQLite databases, and ``stack.yaml`` — the generated
 config of the two gRPC services, which the admin commands (``keys``, ``secrets``) read to
 find them. auth-service and secret-service run as child processes on loopback ports with
-mutual TLS; a supervisor thread restarts a child that crashes (with backoff) and stops
-both when the parent stops. On Linux the children also get SIGTERM if the parent dies
-abruptly (``PR_SET_PDEATHSIG``).
+mutual TLS, and redis-server on a unix socket; a supervisor thread restarts a child that
+crashes (with backoff) and stops them all when the parent stops. On Linux the children
+also get SIGTERM if the parent dies abruptly (``PR_SET_PDEATHSIG``).
+
+One ``up`` at a time per state directory: :func:`prepare_state` takes an exclusive
+``flock`` on ``up.lock`` before touching anything, and the lock lives as long as the
+returned layout (the life of ``up``). A second ``up`` on a live state directory exits
+with a message naming the directory and the holder's pid, and changes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import logging
 import os
 import signal
@@ -22,9 +29,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -36,6 +43,57 @@ log = logging.getLogger("tail_service.stack")
 
 STACK_FILE = "stack.yaml"
 CERTS_DIR = "certs"
+LOCK_FILE = "up.lock"
+
+
+class StateDirBusy(SystemExit):
+    """Another ``up`` holds the state directory.
+
+    A :class:`SystemExit` (status 1, the message on stderr) so that the command exits
+    with this message rather than a traceback.
+    """
+
+
+class StateLock:
+    """An exclusive ``flock`` on ``up.lock`` in a state directory, held until :meth:`release`
+    (or until the process exits: the kernel drops it with the file descriptor)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_FILE
+        self._fd: int | None = None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by children
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            who = f" (pid {holder})" if holder else ""
+            raise StateDirBusy(
+                f"tail-service: the state directory {state_dir} is in use by another "
+                f"`tail-service up`{who}; stop it first, or give this one its own --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit the kernel unlocks anyway
+            self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -45,6 +103,8 @@ class StackLayout:
     state_dir: Path
     auth_port: int
     secrets_port: int
+    #: held for as long as this layout lives: no second ``up`` on the directory meanwhile
+    lock: StateLock | None = field(default=None, compare=False, repr=False)
 
     @property
     def certs(self) -> Path:
@@ -109,10 +169,15 @@ def _free_port() -> int:
 
 
 def prepare_state(state_dir: Path) -> StackLayout:
-    """Create the state directory, certificates, pepper and ``stack.yaml`` (ports reused)."""
+    """Lock the state directory, then create it, the certificates, pepper and ``stack.yaml``
+    (ports reused).
+
+    Raises :class:`StateDirBusy`, having changed nothing, when another ``up`` holds it.
+    """
     from tail_service.authsvc.keys import ensure_pepper_file
 
     state_dir.mkdir(parents=True, exist_ok=True)
+    lock = StateLock(state_dir)
     with contextlib.suppress(OSError):
         state_dir.chmod(0o700)
     init_dev_pki(state_dir / CERTS_DIR)
@@ -120,7 +185,7 @@ def prepare_state(state_dir: Path) -> StackLayout:
     old = read_stack_file(state_dir)
     wanted = [_port_of(old, "auth_service"), _port_of(old, "secret_service")]
     ports = [p if p and _port_is_free(p) else _free_port() for p in wanted]
-    layout = StackLayout(state_dir.resolve(), ports[0], ports[1])
+    layout = StackLayout(state_dir.resolve(), ports[0], ports[1], lock)
     layout.stack_file.write_text(yaml.safe_dump(layout.services_config(), sort_keys=False))
     return layout
 
@@ -156,8 +221,27 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class Supervised(Protocol):
+    """What the supervisor needs of a child: its process, a way to (re)start it, readiness."""
+
+    name: str
+    restarts: int
+    ready: threading.Event
+    #: seconds before the first restart after a crash (doubling, up to 10 s, while it crashes)
+    first_backoff: float
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, grace: float = 10.0) -> None: ...
+
+
 class Child:
     """One supervised child service: started, forwarded to our stderr, restarted on crash."""
+
+    first_backoff = 0.5
 
     def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
         self.name = name
@@ -192,17 +276,56 @@ class Child:
             terminate(self.proc, grace)
 
 
-class Supervisor:
-    """Keeps the children running until :meth:`stop`; restarts a crashed one with backoff."""
+class RedisChild:
+    """The embedded redis-server as a supervised child: :meth:`start` returns once it answers.
 
-    def __init__(self, children: list[Child]) -> None:
+    It holds only short-lived shared state (persistence is off), so a restarted server
+    starts empty: rate-limit windows begin afresh and the cache is cold.
+    """
+
+    name = "redis-server"
+    first_backoff = 0.1  # every moment without it is a moment without limits (fail-open)
+
+    def __init__(self, server: EmbeddedRedis) -> None:
+        self.server = server
+        self.restarts = 0
+        self.ready = threading.Event()
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.server.proc
+
+    def start(self) -> None:
+        self.ready.clear()
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        self.server.start(preexec=preexec)
+        self.ready.set()
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.server.stop(grace)
+
+
+class Supervisor:
+    """Keeps the children running until :meth:`stop`; restarts a crashed one with backoff.
+
+    A crash is noticed within ``poll`` seconds (the dead child is reaped, never left a
+    zombie); the restart follows after the child's ``first_backoff``, doubled (up to
+    10 s) while restarts keep failing to come up.
+    """
+
+    def __init__(self, children: list[Supervised], *, poll: float = 0.1) -> None:
         self.children = children
+        self._poll = poll
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="tail-supervisor")
 
     def start(self, ready_timeout: float = 60.0) -> None:
-        for child in self.children:
-            child.start()
+        try:
+            for child in self.children:
+                child.start()
+        except BaseException:
+            self.stop()
+            raise
         deadline = time.monotonic() + ready_timeout
         for child in self.children:
             if not child.ready.wait(max(0.0, deadline - time.monotonic())):
@@ -211,24 +334,28 @@ class Supervisor:
         self._thread.start()
 
     def _watch(self) -> None:
-        backoff: dict[str, float] = {c.name: 0.5 for c in self.children}
-        while not self._stopping.wait(0.2):
+        backoff: dict[str, float] = {c.name: c.first_backoff for c in self.children}
+        while not self._stopping.wait(self._poll):
             for child in self.children:
                 proc = child.proc
-                if proc is None or proc.poll() is None:
+                if proc is not None and proc.poll() is None:
                     continue
                 if self._stopping.is_set():
                     return
-                log.error(
-                    "%s exited with %s; restarting in %.1fs", child.name, proc.returncode, backoff[child.name]
-                )
+                code = proc.returncode if proc is not None else "no process"
+                log.error("%s exited with %s; restarting in %.1fs", child.name, code, backoff[child.name])
                 if self._stopping.wait(backoff[child.name]):
                     return
                 child.restarts += 1
-                child.start()
                 backoff[child.name] = min(backoff[child.name] * 2, 10.0)
+                try:
+                    child.start()
+                except Exception as exc:  # tried again on the next round, after the backoff
+                    log.error("%s did not restart: %s", child.name, exc)
+                    continue
                 if child.ready.wait(30):
-                    backoff[child.name] = 0.5
+                    backoff[child.name] = child.first_backoff
+                    log.warning("%s restarted (restart %d)", child.name, child.restarts)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -236,10 +363,12 @@ class Supervisor:
             child.stop()
 
 
-def start_redis(layout: StackLayout) -> EmbeddedRedis:
-    """The bundled redis-server on a private unix socket in the state directory."""
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    return EmbeddedRedis(layout.redis_dir).start(preexec=preexec)
+def start_redis(layout: StackLayout) -> Supervisor:
+    """The bundled redis-server on a private unix socket in the state directory, supervised:
+    restarted within a fraction of a second if it dies. ``stop()`` stops it."""
+    supervisor = Supervisor([RedisChild(EmbeddedRedis(layout.redis_dir))])
+    supervisor.start()
+    return supervisor
 
 
 def start_children(layout: StackLayout, *, log_level: str) -> Supervisor:

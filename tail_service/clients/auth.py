@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ from tail_service.settings import AuthSettings
 log = logging.getLogger("tail_service.clients.auth")
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: seconds before the first retry of a broken revocation watch, and the most it waits
+_WATCH_BACKOFF_FIRST = 0.2
+_WATCH_BACKOFF_CAP = 5.0
 
 
 @dataclass(slots=True)
@@ -183,7 +187,14 @@ class AuthClient:
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
 
     async def _watch_loop(self) -> None:
-        backoff = 0.2
+        """Keep the revocation stream open until cancelled, whatever goes wrong.
+
+        Any error other than cancellation (a gRPC status, a closed channel, a bug in
+        handling one event) is logged and followed by a retry after a capped, jittered
+        exponential backoff: losing the stream silently would leave revoked keys
+        working until their verdicts expire.
+        """
+        backoff = _WATCH_BACKOFF_FIRST
         while True:
             try:
                 stub = auth_pb2_grpc.AuthServiceStub(self._channel.get())
@@ -191,15 +202,18 @@ class AuthClient:
                     if event.kind == auth_pb2.KeyEvent.HELLO:
                         self.flush()
                         self.watch_connected = True
-                        backoff = 0.2
+                        backoff = _WATCH_BACKOFF_FIRST
                     elif event.key_id:
                         self._evict(event.key_id)
                         log.info("key invalidated", extra={"key_id": event.key_id})
             except grpc.aio.AioRpcError as exc:
-                log.debug("key-event watch interrupted: %s", exc.code().name)
+                log.warning("key-event watch interrupted: %s", exc.code().name)
+            except Exception as exc:  # the watch must outlive any error but cancellation
+                log.warning("key-event watch failed: %s: %s", type(exc).__name__, exc)
+            # events may be missed until the stream is back; HELLO flushes the cache then
             self.watch_connected = False
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, _WATCH_BACKOFF_CAP)
 
     async def health(self) -> dict[str, Any]:
         out: dict[str, Any] = await check_health(self._channel.get(), "tail.auth.v1.AuthService")

@@ -1,8 +1,12 @@
 """The Redis limiter behind a deadline, a circuit breaker and the configured failure policy.
 
 Every admission waits at most ``redis.timeout`` for Redis. ``breaker_failures`` failures in
-a row open the breaker: for ``breaker_reset`` seconds Redis is not called at all, so a
-dead Redis costs no latency; then one trial call decides whether to close it again.
+a row open the breaker: for ``breaker_reset`` seconds admissions do not call Redis at
+all, so a dead Redis costs no latency; then one trial call decides whether to close it
+again. Meanwhile a background probe pings Redis every ``breaker_probe_interval``
+seconds and closes the breaker at the first answer, so a Redis that comes back (a
+restart, a failover) enforces limits again within a fraction of a second, not after
+the whole cooldown.
 Failures of calls that were already in flight together count once: one slow moment
 that times out 64 concurrent admissions is one failure, not 64, while a Redis that
 stays dead fails three successive waves and opens the breaker within ~3 timeouts.
@@ -48,6 +52,7 @@ class GuardedLimiter:
         self._open_until = 0.0
         self.degraded_admissions = 0
         self._releases: set[asyncio.Task[None]] = set()
+        self._probe: asyncio.Task[None] | None = None
 
     @property
     def breaker_open(self) -> bool:
@@ -63,6 +68,28 @@ class GuardedLimiter:
             log.error("redis unavailable; circuit breaker open", extra={"error": type(exc).__name__})
             # a hung connection must not hold the trial call later: start afresh then
             self._inner.reset()
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.get_running_loop().create_task(self._probe_until_back())
+
+    async def _probe_until_back(self) -> None:
+        """Try Redis in the background while the breaker is open; close it at the first answer."""
+        interval = self._settings.breaker_probe_interval
+        wait = max(interval, self._settings.timeout, 0.25)
+        while self.breaker_open:
+            await asyncio.sleep(interval)
+            if not self.breaker_open:
+                return
+            try:
+                # loads the scripts too: a restarted Redis has none
+                async with asyncio.timeout(wait):
+                    await self._inner.prepare()
+            except _REDIS_ERRORS:
+                continue
+            if self.breaker_open:
+                self._open_until = 0.0
+                self._fails = 0
+                log.warning("redis answers again; circuit breaker closed")
+            return
 
     def _degraded(self) -> Admission:
         self.degraded_admissions += 1
@@ -157,6 +184,8 @@ class GuardedLimiter:
         """Stop the background releases (their slots fall back to the lease TTL)."""
         for task in list(self._releases):
             task.cancel()
+        if self._probe is not None:
+            self._probe.cancel()
         await self._inner.close()
 
     async def prepare(self) -> None:

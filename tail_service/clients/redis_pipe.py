@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -53,6 +54,12 @@ Arg = str | bytes | int
 _LATE = 0.005
 #: ... a reply gets this long (s) more to be read
 _GRACE = 0.001
+#: TCP keepalive: probes after this many idle seconds, this often, this many times; a
+#: peer that vanished without a word (a dead host, a dropped NAT entry, a failed-over
+#: node's machine) is noticed within ~30 s even on an idle connection
+_KEEPALIVE_IDLE = 15
+_KEEPALIVE_INTERVAL = 5
+_KEEPALIVE_COUNT = 3
 
 
 def encode(args: Sequence[Arg]) -> bytes:
@@ -307,7 +314,10 @@ class PipelinedRedis:
                 if self._path:
                     await loop.create_unix_connection(lambda: conn, self._path)
                 else:
-                    await loop.create_connection(lambda: conn, self._host, self._port, ssl=self._ssl)
+                    transport, _ = await loop.create_connection(
+                        lambda: conn, self._host, self._port, ssl=self._ssl
+                    )
+                    _keepalive(transport.get_extra_info("socket"))
                 hello: list[tuple[Arg, ...]] = []
                 if self._password is not None:
                     user = (self._username,) if self._username else ()
@@ -391,6 +401,17 @@ class SharedRedis(Protocol):
     def reset(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+def _keepalive(sock: Any) -> None:
+    """Turn TCP keepalive on for ``sock`` (a socket, or uvloop's stand-in for one)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _KEEPALIVE_COUNT)
 
 
 def _ssl_context(opts: dict[str, Any]) -> ssl.SSLContext:
