@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from tail_service.core.inference import UsageRecord
+from tail_service.core.usage import UsageRecord
 
 log = logging.getLogger("tail_service.usage")
 

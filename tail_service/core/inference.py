@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import enum
 import logging
 import struct
 from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from tail_service.core.admission import Admitter, Ticket
 from tail_service.core.auth import check_model_access
@@ -29,69 +28,16 @@ from tail_service.core.cache import (
 )
 from tail_service.core.proxy import ModelProxy
 from tail_service.core.token_counter import COUNT_INLINE_MAX_BYTES, TokenCounter, count_prompt, count_text
-from tail_service.core.types import ChunkStream, Completion, Endpoint, ProxyRequest, TokenUsage
+from tail_service.core.types import ChunkStream, Completion, ProxyRequest, TokenUsage
+from tail_service.core.usage import Outcome, StreamUsage, UsageRecord, UsageSink
 from tail_service.errors import InvalidRequestError, ModelNotFoundError, TailError, UpstreamError
 
 log = logging.getLogger("tail_service.inference")
 
 
-class Outcome(enum.StrEnum):
-    """How a request ended, for the usage ledger."""
-
-    #: answered completely
-    OK = "ok"
-    #: failed (upstream error, cut stream)
-    ERROR = "error"
-    #: the client went away first
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """Tokens one request used. ``estimated`` when counted offline, not reported upstream."""
-
-    request_id: str
-    model: str
-    endpoint: Endpoint
-    usage: TokenUsage
-    outcome: Outcome
-    estimated: bool = False
-    deployment: str | None = None
-
-
-class UsageSink(Protocol):
-    """Receives one record per request. Must not block: it runs on the event loop."""
-
-    def record(self, rec: UsageRecord) -> None: ...
-
-
 def encode_base64(vector: list[float]) -> str:
     """OpenAI's base64 embedding: little-endian float32, standard padded base64."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-
-
-class _StreamState:
-    """What a stream has shown so far, to estimate usage if the upstream never says."""
-
-    __slots__ = ("estimated", "text", "usage")
-
-    def __init__(self) -> None:
-        self.usage: TokenUsage | None = None
-        self.text: list[str] = []
-        self.estimated = False
-
-    def observe(self, chunk: dict[str, Any]) -> None:
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta")
-            if delta is not None:
-                if content := delta.get("content"):
-                    self.text.append(content)
-                for tc in delta.get("tool_calls") or ():
-                    fn = tc.get("function") or {}
-                    self.text.append(fn.get("name") or "")
-                    self.text.append(fn.get("arguments") or "")
-            elif text := choice.get("text"):
-                self.text.append(text)
 
 
 class InferenceService:
@@ -265,7 +211,7 @@ class InferenceService:
                 yield chunk
             return
         acc = ChatAccumulator() if begun.cache_key is not None else None
-        state = _StreamState()
+        state = StreamUsage()
         outcome: Outcome | None = Outcome.ERROR
         want_usage = req.params.include_usage
         last: dict[str, Any] | None = None
@@ -322,7 +268,7 @@ class InferenceService:
         self,
         req: ProxyRequest,
         ticket: Ticket | None,
-        state: _StreamState,
+        state: StreamUsage,
         outcome: Outcome | None,
         *,
         started: bool,
