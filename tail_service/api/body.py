@@ -1,28 +1,50 @@
-"""Reading and parsing a JSON request body: size-limited, parsed once with orjson."""
+"""Reading and parsing a JSON request body: size-limited, time-limited, parsed once with orjson.
+
+A body must keep coming: no chunk for ``server.body_idle_timeout`` seconds, or (once it
+has been read for that long) an average under ``server.body_min_rate`` bytes per
+second, is a 408 and the connection is closed, so a client trickling a byte every few
+seconds cannot hold a connection and a handler open. A client that leaves while its
+body is read is a 499 (logged at INFO by the request-id middleware), not a server error.
+
+The parsed body is at most :data:`MAX_DEPTH` containers deep: orjson reads up to 1024
+levels but writes only 254, and whatever is accepted must be forwardable upstream.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, ClassVar
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from tail_service.errors import InvalidRequestError, RequestTooLargeError
+from tail_service.api.deps import get_services
+from tail_service.api.sse import ClientDisconnected
+from tail_service.errors import InvalidRequestError, RequestTooLargeError, TailError
+
+#: deepest nesting of objects and arrays accepted (the body itself is level 1); well
+#: under orjson.dumps' limit of 254, so providers may wrap what they forward
+MAX_DEPTH = 128
+
+_CONTAINERS = (dict, list)
+
+
+class RequestTimeoutError(TailError):
+    """The client stopped sending its request body (408; the connection is closed)."""
+
+    status: ClassVar[int] = 408
+    type: ClassVar[str] = "invalid_request_error"
+    default_code: ClassVar[str | None] = "request_timeout"
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 413 past ``limit`` bytes, 400 if it is not a JSON object."""
+    """The body as a JSON object; 413 past ``limit`` bytes, 408 if it stalls, 400 if it is not
+    a JSON object or is nested deeper than :data:`MAX_DEPTH`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
-        chunks.append(chunk)
-    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    server = get_services(request).settings.server
+    raw = await _read(request, limit, server.body_idle_timeout, server.body_min_rate)
     if not raw:
         raise InvalidRequestError(
             "We could not parse the JSON body of your request: the body is empty.",
@@ -37,4 +59,52 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    # Depth can exceed the number of opening brackets only if there are more of them
+    # than the limit: a C-speed count spares almost every request the walk.
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and too_deep(body, MAX_DEPTH):
+        raise InvalidRequestError(
+            f"The request body is nested more than {MAX_DEPTH} levels deep.", code="nesting_too_deep"
+        )
     return body
+
+
+async def _read(request: Request, limit: int, idle: float, min_rate: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout_at(start + idle) as deadline:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
+                chunks.append(chunk)
+                when = loop.time() + idle
+                if min_rate:
+                    when = min(when, start + idle + size / min_rate)
+                deadline.reschedule(when)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"The request body stalled (no data for {idle:g} s, or too slow); the connection is closed.",
+            headers={"connection": "close"},
+        ) from None
+    except ClientDisconnect:
+        raise ClientDisconnected(
+            f"The client closed the connection after sending {size} bytes of the request body."
+        ) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests objects and arrays more than ``limit`` levels."""
+    level: list[Any] = [value] if isinstance(value, _CONTAINERS) else []
+    for _ in range(limit):
+        below: list[Any] = []
+        for node in level:
+            items = node.values() if type(node) is dict else node
+            below += [v for v in items if type(v) in _CONTAINERS]
+        if not below:
+            return False
+        level = below
+    return True
