@@ -94,7 +94,6 @@ class RequestIdMiddleware:
         finally:
             if status[0] == CLIENT_CLOSED:
                 log.info("client closed the connection (%s %s)", scope["method"], scope["path"])
-            request_id_var.reset(token)
             if self.access_log:
                 access_log.info(
                     "%s %s %d",
@@ -103,3 +102,4 @@ class RequestIdMiddleware:
                     status[0],
                     extra={"ms": round((time.perf_counter() - started) * 1000, 2)},
                 )
+            request_id_var.reset(token)
