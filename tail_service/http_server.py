@@ -7,7 +7,9 @@ forever). :class:`HardenedHttpToolsProtocol` adds, per connection:
 
 - **max_header_bytes**: bytes are counted per read (one ``len()`` per
   ``data_received``, nothing per byte) while a request line and headers are being
-  read; past the limit the client gets a 431 and the connection is closed.
+  read; past the limit the client gets a 431 and the connection is closed. Headers
+  that arrive whole in one read larger than the limit are measured exactly when they
+  complete (only then: a normal request pays one comparison).
 - **header_timeout**: from the connection (or a keep-alive request's first byte) until
   the headers are complete. A client that sent part of a request gets a 408; one that
   sent nothing is closed silently (it may be a pre-opened pooled connection). The
@@ -49,6 +51,10 @@ log = logging.getLogger("tail_service.http")
 
 #: seconds a rejected connection keeps reading (and dropping) input before it closes
 LINGER = 2.0
+
+
+class _HeadTooLarge(Exception):
+    """Raised in a parser callback to stop parsing a request whose headers are too large."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +125,8 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         #: rejected: input is dropped until the connection closes
         self._rejected = False
+        #: the headers that just completed were over the limit
+        self._oversized = False
 
     # -- connection -----------------------------------------------------------------
 
@@ -139,8 +147,11 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            log.info("invalid HTTP request from %s: %s", _peer(self.client), exc)
-            self._reject(400, "Invalid HTTP request received.", "invalid_http_request")
+            if self._oversized:
+                self._reject_oversized()
+            else:
+                log.info("invalid HTTP request from %s: %s", _peer(self.client), exc)
+                self._reject(400, "Invalid HTTP request received.", "invalid_http_request")
             return
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
@@ -150,12 +161,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._head and not self._rejected:
             if self._head_bytes > self._max_head:
-                log.info("request headers over %d bytes from %s", self._max_head, _peer(self.client))
-                self._reject(
-                    431,
-                    f"The request headers are larger than the {self._max_head} byte limit.",
-                    "request_header_fields_too_large",
-                )
+                self._reject_oversized()
             elif self._head_started and self._timer is None:
                 self._timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
 
@@ -170,6 +176,11 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_timer()
+        # Whole heads that arrived in one read were not checked in data_received; the
+        # exact size is worked out only when the read itself was over the limit.
+        if self._head_bytes > self._max_head and self._head_size() > self._max_head:
+            self._oversized = True
+            raise _HeadTooLarge  # stops the parser; data_received answers 431
         self._head = self._head_started = False
         self._head_bytes = 0
         self._in_body = True
@@ -186,7 +197,19 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
             # answered before the body was all here: the rest of it is not waited for
             self._linger_close()
 
+    def _head_size(self) -> int:
+        """The size of the current request line and headers, give or take a few bytes."""
+        return len(self.url) + 16 + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
     # -- rejections -----------------------------------------------------------------
+
+    def _reject_oversized(self) -> None:
+        log.info("request headers over %d bytes from %s", self._max_head, _peer(self.client))
+        self._reject(
+            431,
+            f"The request headers are larger than the {self._max_head} byte limit.",
+            "request_header_fields_too_large",
+        )
 
     def _head_timed_out(self) -> None:
         self._timer = None
