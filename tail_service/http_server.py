@@ -117,8 +117,6 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._head = True
         #: bytes received while ``_head``; reset when a request's headers are complete
         self._head_bytes = 0
-        #: the parser has seen the first byte of a request whose headers are not complete
-        self._head_started = False
         #: the headers are complete and the body is not
         self._in_body = False
         #: the header deadline, then the linger deadline
@@ -162,7 +160,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         if self._head and not self._rejected:
             if self._head_bytes > self._max_head:
                 self._reject_oversized()
-            elif self._head_started and self._timer is None:
+            elif self._head_bytes and self._timer is None:  # a keep-alive request's head is coming
                 self._timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
 
     def send_400_response(self, msg: str) -> None:
@@ -170,18 +168,16 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
 
     # -- parser callbacks -----------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._head_started = True
-
     def on_headers_complete(self) -> None:
-        self._cancel_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         # Whole heads that arrived in one read were not checked in data_received; the
         # exact size is worked out only when the read itself was over the limit.
         if self._head_bytes > self._max_head and self._head_size() > self._max_head:
             self._oversized = True
             raise _HeadTooLarge  # stops the parser; data_received answers 431
-        self._head = self._head_started = False
+        self._head = False
         self._head_bytes = 0
         self._in_body = True
         super().on_headers_complete()
@@ -215,7 +211,7 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._timer = None
         if self.transport.is_closing() or self._rejected:
             return
-        if not self._head_started and self._head_bytes == 0:
+        if self._head_bytes == 0:
             self.transport.close()  # nothing was sent: no answer owed
             return
         log.info("request headers not complete after %gs from %s", self._head_timeout, _peer(self.client))

@@ -69,31 +69,70 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
 
 
 async def _read(request: Request, limit: int, idle: float, min_rate: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    stall = _StallTimer(idle, min_rate)
+    clock = stall.loop.time
     chunks: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout_at(start + idle) as deadline:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
-                chunks.append(chunk)
-                when = loop.time() + idle
-                if min_rate:
-                    when = min(when, start + idle + size / min_rate)
-                deadline.reschedule(when)
-    except TimeoutError:
-        raise RequestTimeoutError(
-            f"The request body stalled (no data for {idle:g} s, or too slow); the connection is closed.",
-            headers={"connection": "close"},
-        ) from None
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
+            chunks.append(chunk)
+            stall.last = clock()
+            stall.size = size
+    except asyncio.CancelledError:
+        if stall.fired and stall.task.uncancel() == 0:
+            raise RequestTimeoutError(
+                f"The request body stalled (no data for {idle:g} s, or too slow); the connection is closed.",
+                headers={"connection": "close"},
+            ) from None
+        raise
     except ClientDisconnect:
         raise ClientDisconnected(
             f"The client closed the connection after sending {size} bytes of the request body."
         ) from None
+    finally:
+        stall.cancel()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _StallTimer:
+    """Cancels the task reading a body once the body stalls: no chunk for ``idle``
+    seconds, or, counting from the start, fewer than ``min_rate`` bytes a second
+    beyond the first ``idle`` seconds.
+
+    One timer per body, re-armed only when it fires and finds that chunks came in the
+    meantime: a chunk costs two attribute writes, not a timer. The task is always
+    waiting for a chunk when the timer fires, so the cancellation lands in ``_read``.
+    """
+
+    __slots__ = ("_handle", "_idle", "_min_rate", "_start", "fired", "last", "loop", "size", "task")
+
+    def __init__(self, idle: float, min_rate: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self._idle = idle
+        self._min_rate = min_rate
+        self._start = self.last = self.loop.time()
+        self.size = 0
+        self.fired = False
+        self._handle = self.loop.call_at(self._start + idle, self._check)
+
+    def _check(self) -> None:
+        deadline = self.last + self._idle
+        if self._min_rate:
+            deadline = min(deadline, self._start + self._idle + self.size / self._min_rate)
+        if self.loop.time() >= deadline:
+            self.fired = True
+            self.task.cancel()
+        else:
+            self._handle = self.loop.call_at(deadline, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def too_deep(value: Any, limit: int) -> bool:
