@@ -13,6 +13,7 @@ levels but writes only 254, and whatever is accepted must be forwardable upstrea
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, ClassVar
 
 import orjson
@@ -21,6 +22,8 @@ from starlette.requests import ClientDisconnect, Request
 from tail_service.api.deps import get_services
 from tail_service.api.sse import ClientDisconnected
 from tail_service.errors import InvalidRequestError, RequestTooLargeError, TailError
+
+log = logging.getLogger("tail_service.api")
 
 #: deepest nesting of objects and arrays accepted (the body itself is level 1); well
 #: under orjson.dumps' limit, so providers may wrap what they forward
@@ -83,6 +86,7 @@ async def _read(request: Request, limit: int, idle: float, min_rate: int) -> byt
             stall.size = size
     except asyncio.CancelledError:
         if stall.fired and stall.task.uncancel() == 0:
+            log.info("request body stalled after %d bytes", size)
             raise RequestTimeoutError(
                 f"The request body stalled (no data for {idle:g} s, or too slow); the connection is closed.",
                 headers={"connection": "close"},
