@@ -89,6 +89,7 @@ def _run(settings: Settings, *, banner: bool) -> None:
     import uvicorn
 
     from tail_service.app import create_app
+    from tail_service.http_server import server_config
     from tail_service.logging import configure_logging
 
     configure_logging(settings.log_level, json=settings.log_json)
@@ -128,14 +129,16 @@ def _run(settings: Settings, *, banner: bool) -> None:
     # blocks (stopping `up`'s child services) run and the exit status is 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     if workers == 1:
-        config = uvicorn.Config(create_app(settings), **common)
+        config = server_config(create_app(settings), settings.server, **common)
         uvicorn.Server(config).run(sockets=[sock])
         return
     # Several workers: each process loads the same settings from the environment.
     _export_settings(settings)
     from uvicorn.supervisors import Multiprocess
 
-    config = uvicorn.Config("tail_service.app:create_app_from_env", factory=True, workers=workers, **common)
+    config = server_config(
+        "tail_service.app:create_app_from_env", settings.server, factory=True, workers=workers, **common
+    )
     Multiprocess(config, sockets=[sock]).run()
 
 

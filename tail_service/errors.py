@@ -22,6 +22,7 @@ and are logged with a traceback, never a 4xx.
      ├── NotFoundError (404)
      │    └── ModelNotFoundError (404 model_not_found)
      ├── MethodNotAllowedError (405)
+     ├── RequestTimeoutError (408 request_timeout): the body stalled
      ├── RequestTooLargeError (413 request_too_large)
      ├── RateLimitError (429 rate_limit_exceeded, type ``requests``)
      │    └── TokenRateLimitError (429, type ``tokens``)
@@ -149,6 +150,14 @@ class MethodNotAllowedError(TailError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RequestTimeoutError(TailError):
+    """The client stopped sending its request body (408; the connection is closed)."""
+
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class RequestTooLargeError(TailError):

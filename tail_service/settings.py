@@ -89,6 +89,15 @@ class ServerSettings(_Frozen):
     sse_keepalive: float = Field(default=15.0, ge=0)
     #: seconds to finish in-flight requests on shutdown
     graceful_timeout: float = Field(default=30.0, ge=0)
+    #: bytes of request line and headers a request may send; more is a 431 and a close
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    #: seconds from a connection (or a request's first byte) until its headers are complete
+    header_timeout: float = Field(default=10.0, gt=0)
+    #: seconds a request body may go without a new chunk before a 408
+    body_idle_timeout: float = Field(default=30.0, gt=0)
+    #: bytes per second a request body must average once it has been read for
+    #: ``body_idle_timeout`` seconds (a trickle is a 408 too); 0 disables
+    body_min_rate: int = Field(default=1024, ge=0)
 
 
 class LocalSettings(_Frozen):

@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 
 from tail_service.app import create_app
+from tail_service.http_server import server_config
 from tail_service.settings import Settings, load_settings
 from tests.fakes.openai_upstream import FakeOpenAI, run_openai_upstream_in_thread
 
@@ -60,10 +61,11 @@ def serve_app(settings: Settings, *, app: Any = None) -> Iterator[RunningApp]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
+    # The production server config: the hardened protocol with the settings' limits.
+    config = server_config(
         app if app is not None else create_app(settings),
+        settings.server,
         loop="uvloop",
-        http="httptools",
         lifespan="on",
         access_log=False,
         log_config=None,

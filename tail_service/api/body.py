@@ -1,33 +1,49 @@
-"""Reading and parsing a JSON request body: size-limited, parsed once with orjson."""
+"""Reading and parsing a JSON request body: size-limited, time-limited, parsed once with orjson.
+
+A body must keep coming: no chunk for ``server.body_idle_timeout`` seconds, or (once it
+has been read for that long) an average under ``server.body_min_rate`` bytes per
+second, is a 408 and the connection is closed, so a client trickling a byte every few
+seconds cannot hold a connection and a handler open. A client that leaves while its
+body is read is a 499 (logged at INFO by the request-id middleware), not a server error.
+
+The parsed body is at most :data:`MAX_DEPTH` containers deep: orjson reads up to 1024
+levels but writes only 254, and whatever is accepted must be forwardable upstream.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from tail_service.errors import InvalidRequestError, RequestTooLargeError
+from tail_service.api.deps import get_services
+from tail_service.errors import (
+    ClientDisconnected,
+    InvalidRequestError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+)
+
+log = logging.getLogger("tail_service.api")
+
+#: deepest nesting of objects and arrays accepted (the body itself is level 1); well
+#: under orjson.dumps' limit, so providers may wrap what they forward
+MAX_DEPTH = 128
+#: the most nested objects and arrays orjson.dumps writes (checked by the tests)
+DUMPS_DEPTH = 254
 
 
 async def read_json(request: Request, limit: int) -> tuple[dict[str, Any], int]:
-    """``(the body as a JSON object, its size in bytes)``; 413 past ``limit`` bytes, 400 if it
-    is not a JSON object."""
+    """``(the body as a JSON object, its size in bytes)``; 413 past ``limit`` bytes, 408 if it
+    stalls, 400 if it is not a JSON object or is nested deeper than :data:`MAX_DEPTH`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
-    # One chunk (the usual case) is used as is; more are appended as they arrive, so a large
-    # body is never joined in one long step on the event loop.
-    raw: bytes | bytearray = b""
-    async for chunk in request.stream():
-        if len(raw) + len(chunk) > limit:
-            raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
-        if not raw:
-            raw = chunk
-        else:
-            if isinstance(raw, bytes):
-                raw = bytearray(raw)
-            raw += chunk
+    server = get_services(request).settings.server
+    raw = await _read(request, limit, server.body_idle_timeout, server.body_min_rate)
     if not raw:
         raise InvalidRequestError(
             "We could not parse the JSON body of your request: the body is empty.",
@@ -42,4 +58,103 @@ async def read_json(request: Request, limit: int) -> tuple[dict[str, Any], int]:
         ) from None
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    # The depth cannot exceed the number of opening brackets: a C-speed count spares
+    # almost every request the check.
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and too_deep(body, MAX_DEPTH):
+        raise InvalidRequestError(
+            f"The request body is nested more than {MAX_DEPTH} levels deep.", code="nesting_too_deep"
+        )
     return body, len(raw)
+
+
+async def _read(request: Request, limit: int, idle: float, min_rate: int) -> bytes | bytearray:
+    stall = _StallTimer(idle, min_rate)
+    clock = stall.loop.time
+    # One chunk (the usual case) is used as is; more are appended as they arrive, so a large
+    # body is never joined in one long step on the event loop.
+    raw: bytes | bytearray = b""
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
+            if not raw:
+                raw = chunk
+            elif isinstance(raw, bytes):
+                raw = bytearray(raw) + chunk
+            else:
+                raw += chunk
+            stall.last = clock()
+            stall.size = size
+    except asyncio.CancelledError:
+        if stall.fired and stall.task.uncancel() == 0:
+            log.info("request body stalled after %d bytes", size)
+            raise RequestTimeoutError(
+                f"The request body stalled (no data for {idle:g} s, or too slow); the connection is closed.",
+                headers={"connection": "close"},
+            ) from None
+        raise
+    except ClientDisconnect:
+        raise ClientDisconnected(
+            f"The client closed the connection after sending {size} bytes of the request body."
+        ) from None
+    finally:
+        stall.cancel()
+    return raw
+
+
+class _StallTimer:
+    """Cancels the task reading a body once the body stalls: no chunk for ``idle``
+    seconds, or, counting from the start, fewer than ``min_rate`` bytes a second
+    beyond the first ``idle`` seconds.
+
+    One timer per body, re-armed only when it fires and finds that chunks came in the
+    meantime: a chunk costs two attribute writes, not a timer. The task is always
+    waiting for a chunk when the timer fires, so the cancellation lands in ``_read``.
+    """
+
+    __slots__ = ("_handle", "_idle", "_min_rate", "_start", "fired", "last", "loop", "size", "task")
+
+    def __init__(self, idle: float, min_rate: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self._idle = idle
+        self._min_rate = min_rate
+        self._start = self.last = self.loop.time()
+        self.size = 0
+        self.fired = False
+        self._handle = self.loop.call_at(self._start + idle, self._check)
+
+    def _check(self) -> None:
+        deadline = self.last + self._idle
+        if self._min_rate:
+            deadline = min(deadline, self._start + self._idle + self.size / self._min_rate)
+        if self.loop.time() >= deadline:
+            self.fired = True
+            self.task.cancel()
+        else:
+            self._handle = self.loop.call_at(deadline, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests objects and arrays more than ``limit`` levels.
+
+    orjson does the walk, in C (a Python walk costs as much as the parse on a long
+    conversation; this about a third of it): it refuses to write more than
+    :data:`DUMPS_DEPTH` levels, so ``value`` inside ``DUMPS_DEPTH - limit`` lists fails
+    to serialize exactly when ``value`` is deeper than ``limit``.
+    """
+    wrapped = value
+    for _ in range(DUMPS_DEPTH - limit):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped)
+    except orjson.JSONEncodeError:
+        return True
+    return False

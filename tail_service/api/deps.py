@@ -21,13 +21,26 @@ def get_services(request: Request) -> Services:
 
 
 def bearer_token(request: Request) -> str | None:
-    """The key in ``Authorization: Bearer <key>``, or ``None`` when there is none."""
+    """The key in ``Authorization: Bearer <key>``, or ``None`` when there is none.
+
+    Two ``Authorization`` headers are ambiguous (which one would a proxy in front of
+    us have checked?): a 400, never a guess.
+    """
+    found: bytes | None = None
     for name, value in request.scope["headers"]:
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            token = token.strip()
-            return token if scheme.lower() == "bearer" and token else None
-    return None
+            if found is not None:
+                raise InvalidRequestError(
+                    "The request has more than one Authorization header; send exactly one.",
+                    param="authorization",
+                    code="ambiguous_credentials",
+                )
+            found = value
+    if found is None:
+        return None
+    scheme, _, token = found.decode("latin-1").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 async def authenticate(request: Request, services: Services) -> Principal:

@@ -1,7 +1,8 @@
 """Exception handlers: everything a client sees as an error is the OpenAI envelope.
 
 ``TailError`` renders with its own status, type, code and param (bad input is always
-a 400, never a 422); Starlette's 404/405 become OpenAI-shaped "Invalid URL" errors.
+a 400, never a 422); Starlette's 404/405 become OpenAI-shaped "Invalid URL" errors
+(a 405 keeps the router's ``Allow`` header).
 Anything else is a bug, rendered by the request-id middleware
 as a 500 ``server_error`` that names the request id (traceback in the log only).
 """
@@ -49,7 +50,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         err = NotFoundError(f"Invalid URL ({url})")
     elif exc.status_code == 405:
-        err = MethodNotAllowedError(f"Method not allowed ({url})")
+        err = MethodNotAllowedError(f"Method not allowed ({url})", headers=dict(exc.headers or {}))
     elif exc.status_code == 413:
         err = RequestTooLargeError("The request body is too large.")
     elif exc.status_code < 500:

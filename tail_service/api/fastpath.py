@@ -16,17 +16,25 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tail_service.api.errors import error_response
-from tail_service.errors import TailError
+from tail_service.errors import MethodNotAllowedError, TailError
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
 class FastPathMiddleware:
-    """Serves ``routes`` (``(method, path) -> handler``) directly; passes the rest on."""
+    """Serves ``routes`` (``(method, path) -> handler``) directly; passes the rest on.
+
+    Another method on one of these paths is answered here too: 405 with ``Allow``.
+    """
 
     def __init__(self, app: ASGIApp, *, routes: dict[tuple[str, str], Handler]) -> None:
         self.app = app
         self.routes = routes
+        allowed: dict[str, list[str]] = {}
+        for method, path in routes:
+            allowed.setdefault(path, []).append(method)
+        #: path -> the ``Allow`` header value
+        self.allow = {path: ", ".join(sorted(methods)) for path, methods in allowed.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -38,5 +46,11 @@ class FastPathMiddleware:
                 except TailError as exc:
                     response = error_response(exc)
                 await response(scope, receive, send)
+                return
+            allow = self.allow.get(scope["path"])
+            if allow is not None:
+                url = f"{scope['method']} {scope['path']}"
+                err = MethodNotAllowedError(f"Method not allowed ({url})", headers={"allow": allow})
+                await error_response(err)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
