@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the tests need and run the whole suite: lint, types, tests.
-source "$(dirname "$0")/_venv.sh" "[dev]"
+source "$(dirname "$0")/_venv.sh" "[dev,local]"
 cd "$ROOT"
 "$VENV/bin/ruff" check tail_service tests
 "$VENV/bin/ruff" format --check tail_service tests

@@ -7,9 +7,11 @@ service alone, for deployments, optionally with several worker processes.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +43,48 @@ StateOpt = Annotated[
     Path | None,
     typer.Option("--state-dir", help="where the embedded stack keeps its state", envvar="TAIL_STATE_DIR"),
 ]
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+LogLevelOpt = Annotated[
+    LogLevel | None,
+    typer.Option(
+        "--log-level",
+        case_sensitive=False,
+        help="log level of every service of the stack (debug adds an access log line per request) "
+        "[default: log_level from the config, info]",
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from tail_service import __version__
+
+        try:
+            installed = version("tail-service")
+        except PackageNotFoundError:  # pragma: no cover - run from a source tree
+            installed = __version__
+        typer.echo(f"tail-service {installed}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """Tail Service: an OpenAI-compatible API over a model proxy."""
 
 
 def _load(
@@ -110,7 +154,7 @@ def _run(settings: Settings, *, banner: bool) -> None:
     if banner:
         models = ", ".join(e.name for e in settings.model_entries())
         keys_hint = (
-            f"  create an API key: tail-service keys create --state-dir {settings.state_dir}\n"
+            f"  create an API key: {_self_command('keys', 'create', f'--state-dir={settings.state_dir}')}\n"
             if settings.auth.mode == "grpc"
             else ""
         )
@@ -142,6 +186,17 @@ def _run(settings: Settings, *, banner: bool) -> None:
     Multiprocess(config, sockets=[sock]).run()
 
 
+def _self_command(*args: str) -> str:
+    """``tail-service ARGS`` run by this very installation, as a shell command that works
+    as printed (the venv's ``bin`` need not be on PATH)."""
+    exe = Path(sys.executable).absolute().with_name("tail-service")
+    if exe.is_file() and os.access(exe, os.X_OK):
+        argv = [str(exe), *args]
+    else:
+        argv = [str(Path(sys.executable).absolute()), "-m", "tail_service", *args]
+    return shlex.join(argv)
+
+
 def _exit_cleanly(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -158,6 +213,7 @@ def up(
     host: HostOpt = None,
     port: PortOpt = None,
     state_dir: StateOpt = None,
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Start the whole stack on its embedded defaults: auth-service and secret-service as
     child processes with mutual TLS, and the HTTP service (local models when none are configured)."""
@@ -167,7 +223,10 @@ def up(
 
     state = (state_dir or default_state_dir()).resolve()
     layout = prepare_state(state)
-    settings = _load(config, host, port, state, overrides=layout.http_overrides())
+    overrides = layout.http_overrides()
+    if log_level is not None:
+        overrides["log_level"] = log_level.value
+    settings = _load(config, host, port, state, overrides=overrides)
     configure_logging(settings.log_level, json=settings.log_json)
     try:
         redis_server = start_redis(layout)

@@ -3,17 +3,22 @@ secret-service, keys and secrets. Registered on the main app by :mod:`tail_servi
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from tail_service.admin import AdminError, KeysAdmin, SecretsAdmin, resolve
 from tail_service.settings import ConfigError, Settings, default_state_dir, load_settings
+
+if TYPE_CHECKING:
+    from tail_service.proto import auth_pb2
 
 StateOpt = Annotated[
     Path | None,
@@ -165,24 +170,75 @@ def keys_create(
     typer.echo(resp.api_key)
 
 
+def key_record(k: auth_pb2.KeyInfo) -> dict[str, Any]:
+    """A key's metadata as JSON-ready data: never the key itself, nor its hash (neither is stored)."""
+    return {
+        "id": k.id,
+        "prefix": k.prefix,
+        "name": k.name,
+        "tenant": k.tenant,
+        "models": list(k.allowed_models),  # empty: every model
+        "rpm": k.limits.rpm,
+        "tpm": k.limits.tpm,
+        "max_concurrency": k.limits.max_concurrency,
+        "expires_at": k.expires_at or None,  # unix seconds; null: never
+        "created_at": k.created_at or None,
+        "revoked": k.revoked,
+        "response_cache": k.response_cache,
+    }
+
+
+def _when(ts: int | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M") if ts else "never"
+
+
+def _limit(n: int) -> str:
+    return str(n) if n else "-"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns under a header row, two spaces apart (no trailing spaces)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )
+
+
 @keys_app.command("list")
 def keys_list(
     tenant: Annotated[str, typer.Option(help="only this tenant")] = "",
     all_keys: Annotated[bool, typer.Option("--all", help="include revoked keys")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print a JSON array of key objects (for scripts)")
+    ] = False,
     state_dir: StateOpt = None,
     auth_address: AuthAddrOpt = None,
     tls_dir: TlsDirOpt = None,
 ) -> None:
-    """List keys (display prefixes only; keys are never stored)."""
+    """List keys: display prefixes and policy only (keys are never stored, only their HMAC)."""
     with _keys(state_dir, auth_address, tls_dir) as admin:
-        keys = admin.list(tenant=tenant, include_revoked=all_keys)
-    typer.echo("id\tprefix\tname\ttenant\tmodels\trpm\ttpm\tmax_concurrency\texpires_at\trevoked\tcache")
-    for k in keys:
-        typer.echo(
-            f"{k.id}\t{k.prefix}\t{k.name}\t{k.tenant}\t{','.join(k.allowed_models) or '*'}\t"
-            f"{k.limits.rpm}\t{k.limits.tpm}\t{k.limits.max_concurrency}\t{k.expires_at}\t{k.revoked}\t"
-            f"{k.response_cache}"
-        )
+        keys = [key_record(k) for k in admin.list(tenant=tenant, include_revoked=all_keys)]
+    if as_json:
+        typer.echo(json.dumps(keys, indent=2))
+        return
+    header = ["ID", "PREFIX", "NAME", "TENANT", "MODELS", "RPM", "TPM", "CONCURRENCY", "EXPIRES", "STATUS"]
+    rows = [
+        [
+            k["id"],
+            k["prefix"] + "...",
+            k["name"],
+            k["tenant"],
+            ",".join(k["models"]) or "*",
+            _limit(k["rpm"]),
+            _limit(k["tpm"]),
+            _limit(k["max_concurrency"]),
+            _when(k["expires_at"]),
+            ("revoked" if k["revoked"] else "active") + (", cache" if k["response_cache"] else ""),
+        ]
+        for k in keys
+    ]
+    typer.echo(table(header, rows))
 
 
 @keys_app.command("revoke")

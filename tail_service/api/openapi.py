@@ -4,17 +4,24 @@ The app is plain Starlette (FastAPI's per-request machinery cost more CPU than t
 whole budget of a request), so the document is assembled here: one operation per
 route, request bodies from the pydantic schemas, and the OpenAI error envelope as the
 default response of every operation.
+
+``/docs`` is Swagger UI served by this process, never from a CDN, so it works offline:
+its files come from the ``swagger-ui-py`` wheel (located without importing it) and are
+served by the same route as ``/docs?asset=NAME``, with a Content-Security-Policy that
+allows nothing from elsewhere. Without that package the page still links the document.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
 from pydantic_core import core_schema
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 
 from tail_service.api.deps import json_response
 from tail_service.api.routes import ROUTES
@@ -38,14 +45,50 @@ _ERROR_SCHEMA = {
 
 _ERROR_REF = "#/components/schemas/ErrorResponse"
 
+#: the Swagger UI files ``/docs`` serves, by name (``asset`` query parameter)
+_SWAGGER_FILES = {
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+}
+#: everything the page uses comes from this server (Swagger UI sets inline styles, and
+#: shows schema images as data: URLs)
+_DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'none'"
+)
+# Relative URLs: the page works under a path prefix too (a proxy serving the app at /x/).
 _DOCS_HTML = """<!doctype html>
-<html><head><title>{title} - docs</title><meta charset="utf-8">
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<html lang="en"><head><meta charset="utf-8"><title>{title} - API docs</title>
+<link rel="stylesheet" href="docs?asset=swagger-ui.css">
+<link rel="icon" type="image/png" href="docs?asset=favicon-32x32.png"></head>
 <body><div id="ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#ui"}});</script>
-<noscript>The OpenAPI document is at <a href="/openapi.json">/openapi.json</a>.</noscript>
+<script src="docs?asset=swagger-ui-bundle.js"></script>
+<script src="docs?asset=init.js"></script>
+<noscript>The OpenAPI document is at <a href="openapi.json">openapi.json</a>.</noscript>
 </body></html>"""
+# validatorUrl null: Swagger UI would otherwise send the document to an online validator.
+_DOCS_INIT = (
+    'window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#ui", validatorUrl: null, '
+    "deepLinking: true, persistAuthorization: false});\n"
+)
+_DOCS_FALLBACK = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title} - API docs</title></head>
+<body><p>The interactive docs need the <code>swagger-ui-py</code> package, which is not installed
+here. The OpenAPI document is at <a href="openapi.json">openapi.json</a>.</p></body></html>"""
+
+
+def swagger_ui_dir() -> Path | None:
+    """The directory with Swagger UI's files from the ``swagger-ui-py`` wheel, without importing it."""
+    try:
+        spec = importlib.util.find_spec("swagger_ui")
+    except (ImportError, ValueError):
+        return None
+    for base in (spec.submodule_search_locations or ()) if spec is not None else ():
+        static = Path(base) / "static"
+        if (static / "swagger-ui-bundle.js").is_file():
+            return static
+    return None
 
 
 #: what a JSON integer can be here: the body parser reads integers outside 64 bits as floats,
@@ -156,4 +199,18 @@ async def openapi_json(request: Request) -> Response:
 
 
 async def docs(request: Request) -> Response:
-    return HTMLResponse(_DOCS_HTML.format(title="Tail Service"))
+    """The Swagger UI page, or one of its files with ``?asset=NAME`` (all from this server)."""
+    headers = {"content-security-policy": _DOCS_CSP, "x-content-type-options": "nosniff"}
+    title = "Tail Service"
+    static = swagger_ui_dir()
+    asset = request.query_params.get("asset")
+    if asset is None:
+        page = _DOCS_HTML if static is not None else _DOCS_FALLBACK
+        return HTMLResponse(page.format(title=title), headers=headers)
+    cached = {**headers, "cache-control": "public, max-age=86400"}
+    if asset == "init.js":
+        return Response(_DOCS_INIT, media_type="text/javascript; charset=utf-8", headers=cached)
+    media_type = _SWAGGER_FILES.get(asset)
+    if media_type is None or static is None:
+        return PlainTextResponse("no such docs asset", status_code=404, headers=headers)
+    return FileResponse(static / asset, media_type=media_type, headers=cached)

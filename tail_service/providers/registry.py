@@ -107,6 +107,7 @@ def build_providers(
     deployments: Iterable[Deployment], session: aiohttp.ClientSession, local: LocalSettings
 ) -> dict[str, Provider]:
     """Instantiate each adapter that some deployment uses (local models load lazily)."""
+    deployments = list(deployments)
     needed = {d.provider for d in deployments}
     providers: dict[str, Provider] = {}
     if "openai" in needed:
@@ -118,9 +119,12 @@ def build_providers(
 
         providers["anthropic"] = AnthropicProvider(session)
     if "local" in needed:
+        # Imported only when a local deployment is configured. It imports without the
+        # `local` extra too: the engines (NumPy, onnxruntime, ...) load with the models.
         from tail_service.providers.local.provider import LocalProvider
 
         providers["local"] = LocalProvider(
+            models={d.upstream_model for d in deployments if d.provider == "local"},
             chat_threads=local.chat_threads,
             embed_threads=local.embed_threads,
             max_embed_batch=local.max_embed_batch,

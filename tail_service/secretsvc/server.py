@@ -4,7 +4,9 @@ Callers are identified by their client certificate (see :mod:`tail_service.rpc.i
 ``GetSecret`` is open to ``reader_identities`` and ``admin_identities``; ``PutSecret``,
 ``ListSecrets``, ``DeleteSecret`` and ``RotateSecret`` to ``admin_identities`` only;
 anyone else gets PERMISSION_DENIED. Every call, allowed or not, leaves a row in the audit
-table and an INFO log line, neither of which holds the value.
+table, which never holds the value. The log shows changes (INFO) and refusals (WARNING);
+reads, which the HTTP service makes every ``secrets.refresh_interval`` seconds per
+secret, are logged at DEBUG only.
 
 Status codes: INVALID_ARGUMENT (bad name, value or version), NOT_FOUND (no such secret or
 version; ``DeleteSecret`` instead answers ``deleted=false``), FAILED_PRECONDITION (the row

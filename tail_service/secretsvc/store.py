@@ -230,7 +230,7 @@ class SecretStore:
     def audit(
         self, identity: str, action: str, name: str | None, version: int | None, outcome: Outcome
     ) -> None:
-        """Record one access (e.g. a denied call) in its own transaction, and log it at INFO."""
+        """Record one access (e.g. a denied call) in its own transaction, and log it (see :meth:`_audit`)."""
         with self._engine.begin() as conn:
             self._audit(conn, identity, action, name, version, outcome)
 
@@ -320,7 +320,17 @@ class SecretStore:
                 outcome=outcome,
             )
         )
-        log.info(
+        # The table is the audit trail. The log shows changes and refusals; reads (the
+        # HTTP service polls each secret every few seconds) only at DEBUG.
+        level = (
+            logging.WARNING
+            if outcome == "denied"
+            else logging.INFO
+            if action in ("put", "rotate", "delete")
+            else logging.DEBUG
+        )
+        log.log(
+            level,
             "secret audit: identity=%s action=%s name=%r version=%s outcome=%s",
             identity,
             action,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +31,11 @@ def test_keys_commands(stack: Stack, pki_dir: Path) -> None:
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]
     assert key.startswith("sk-tail-") and len(created.stdout.strip().splitlines()) == 1  # the key alone
-    listed = cli(stack, pki_dir, "keys", "list", "--tenant", "acme")
+    listed = cli(stack, pki_dir, "keys", "list", "--tenant", "acme", "--json")
     assert listed.returncode == 0, listed.stderr
-    row = listed.stdout.splitlines()[1].split("\t")
-    key_id = row[0]
-    assert row[1] == key[:12] and row[2] == "ci" and row[4] == "a,b" and row[5] == "5"
+    [row] = json.loads(listed.stdout)
+    key_id = row["id"]
+    assert (row["prefix"], row["name"], row["models"], row["rpm"]) == (key[:12], "ci", ["a", "b"], 5)
     assert key not in listed.stdout
     updated = cli(stack, pki_dir, "keys", "update", key_id, "--rpm", "50", "--models", "")
     assert updated.returncode == 0, updated.stderr

