@@ -40,7 +40,9 @@ and are logged with a traceback, never a 4xx.
      ├── ProviderTimeoutError
      ├── ProviderProtocolError: not the provider's documented wire format
      ├── ProviderStreamCut: a stream ended before its end marker
-     └── ProviderUnsupportedError: the adapter cannot serve this operation or parameter
+     ├── ProviderUnsupportedError: the adapter cannot serve this operation or parameter
+     └── ProviderNotInstalledError: this installation lacks what the deployment needs
+          (shown as a 503 with its own code and message: what is missing, how to get it)
 """
 
 from __future__ import annotations
@@ -276,3 +278,19 @@ class ProviderUnsupportedError(ProviderError):
 
     retryable = False
     failover = True
+
+
+class ProviderNotInstalledError(ProviderError):
+    """The deployment cannot run on this installation: a package or model file is missing.
+
+    Not the upstream's fault nor the request's: another deployment may still serve (so it
+    fails over, without counting toward a cooldown), and if none does the client gets a
+    503 with ``code`` and this message, which names what is missing and how to install it.
+    """
+
+    retryable = False
+    failover = True
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code

