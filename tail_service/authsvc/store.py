@@ -3,8 +3,10 @@
 ``api_keys`` holds one row per key: never the key, only its peppered hash (unique) and
 display prefix, with the tenant, allowed models and limits. ``key_events`` is an append-
 only log of revocations and updates, written in the same transaction as the change; the
-auth-service replicas poll it (:class:`EventCursor`) to push cache invalidations to the
-Tail Services, so a change made through any replica reaches every watcher.
+auth-service replicas poll it (:class:`~tail_service.authsvc.events.EventCursor`) to push
+cache invalidations to the Tail Services, so a change made through any replica reaches
+every watcher. The records the store returns and the checks on its arguments are in
+:mod:`.records`.
 
 Times are unix seconds (integers). Limits of 0 mean "no limit", ``expires_at`` 0 "never".
 """
@@ -16,22 +18,28 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Literal
+from dataclasses import fields
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from tail_service.authsvc.keys import Pepper, display_prefix, generate_key, looks_like_key
+from tail_service.authsvc.records import (
+    MAX_TEXT,
+    InvalidKeyArgument,
+    KeyEvent,
+    KeyInfo,
+    KeyNotFound,
+    VerifiedKey,
+    clean_expires,
+    clean_limit,
+    clean_models,
+    clean_text,
+)
 from tail_service.db import Migration, migrate
 
 SERVICE = "auth"
-EventKind = Literal["revoked", "updated"]
-
-MAX_TEXT = 200  # longest name, tenant or model id
-MAX_MODELS = 1000
-MAX_LIMIT = 2**53  # limits stay exact in JSON and in every client language
-MAX_EXPIRES = 253_402_300_799  # 9999-12-31: larger values are milliseconds by mistake
 
 
 def _tables(metadata: sa.MetaData, *, version: int = 2) -> tuple[sa.Table, sa.Table]:
@@ -85,92 +93,6 @@ def _v2(conn: Connection) -> None:
 
 
 MIGRATIONS: tuple[Migration, ...] = (_v1, _v2)
-
-
-class KeyStoreError(Exception):
-    """Base of the store's expected errors; messages never include a key."""
-
-
-class InvalidKeyArgument(KeyStoreError, ValueError):
-    """A field is out of range or malformed; the message names the field."""
-
-
-class KeyNotFound(KeyStoreError, LookupError):
-    """No key has that id (or that plaintext)."""
-
-
-@dataclass(frozen=True, slots=True)
-class KeyInfo:
-    """A key as admins see it: the display prefix, never the key or its hash."""
-
-    id: str
-    name: str
-    tenant: str
-    allowed_models: tuple[str, ...]  # empty: every model
-    rpm: int
-    tpm: int
-    max_concurrency: int
-    expires_at: int
-    revoked: bool
-    prefix: str
-    created_at: int
-    updated_at: int
-    response_cache: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedKey:
-    """Who a verified key belongs to and what it may do (limits: 0 = unlimited)."""
-
-    key_id: str
-    tenant: str
-    name: str
-    allowed_models: tuple[str, ...]
-    rpm: int
-    tpm: int
-    max_concurrency: int
-    expires_at: int
-    response_cache: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class KeyEvent:
-    """One row of ``key_events``: ``key_id`` was revoked or updated."""
-
-    id: int
-    key_id: str
-    kind: EventKind
-    created_at: int
-
-
-def _text(field: str, value: str, *, required: bool) -> str:
-    value = value.strip()
-    if required and not value:
-        raise InvalidKeyArgument(f"{field} is required")
-    if len(value) > MAX_TEXT:
-        raise InvalidKeyArgument(f"{field} is longer than {MAX_TEXT} characters")
-    return value
-
-
-def _limit(field: str, value: int) -> int:
-    if not 0 <= value <= MAX_LIMIT:
-        raise InvalidKeyArgument(f"{field} must be between 0 (unlimited) and {MAX_LIMIT}")
-    return int(value)
-
-
-def _expires(value: int) -> int:
-    if not 0 <= value <= MAX_EXPIRES:
-        raise InvalidKeyArgument("expires_at must be unix seconds, or 0 for never")
-    return int(value)
-
-
-def _models(values: Iterable[str]) -> tuple[str, ...]:
-    out: dict[str, None] = {}
-    for v in values:
-        out[_text("allowed_models entry", v, required=True)] = None
-    if len(out) > MAX_MODELS:
-        raise InvalidKeyArgument(f"allowed_models holds more than {MAX_MODELS} models")
-    return tuple(out)
 
 
 def _info(row: sa.Row[Any]) -> KeyInfo:
@@ -235,7 +157,7 @@ class KeyStore:
         limits or an ``expires_at`` that is not in the future.
         """
         now = self._now()
-        expires = _expires(expires_at)
+        expires = clean_expires(expires_at)
         if expires and expires <= now:
             raise InvalidKeyArgument("expires_at is in the past")
         api_key = generate_key()
@@ -243,12 +165,12 @@ class KeyStore:
             "id": "key_" + secrets.token_hex(12),
             "key_hash": self._pepper.hash_key(api_key),
             "prefix": display_prefix(api_key),
-            "name": _text("name", name, required=False),
-            "tenant": _text("tenant", tenant, required=True),
-            "allowed_models": json.dumps(list(_models(allowed_models))),
-            "rpm": _limit("rpm", rpm),
-            "tpm": _limit("tpm", tpm),
-            "max_concurrency": _limit("max_concurrency", max_concurrency),
+            "name": clean_text("name", name, required=False),
+            "tenant": clean_text("tenant", tenant, required=True),
+            "allowed_models": json.dumps(list(clean_models(allowed_models))),
+            "rpm": clean_limit("rpm", rpm),
+            "tpm": clean_limit("tpm", tpm),
+            "max_concurrency": clean_limit("max_concurrency", max_concurrency),
             "expires_at": expires,
             "revoked": False,
             "response_cache": bool(response_cache),
@@ -327,14 +249,14 @@ class KeyStore:
         """
         values: dict[str, Any] = {}
         if name is not None:
-            values["name"] = _text("name", name, required=False)
+            values["name"] = clean_text("name", name, required=False)
         for field, value in (("rpm", rpm), ("tpm", tpm), ("max_concurrency", max_concurrency)):
             if value is not None:
-                values[field] = _limit(field, value)
+                values[field] = clean_limit(field, value)
         if expires_at is not None:
-            values["expires_at"] = _expires(expires_at)
+            values["expires_at"] = clean_expires(expires_at)
         if allowed_models is not None:
-            values["allowed_models"] = json.dumps(list(_models(allowed_models)))
+            values["allowed_models"] = json.dumps(list(clean_models(allowed_models)))
         if response_cache is not None:
             values["response_cache"] = bool(response_cache)
         if not values:
@@ -386,50 +308,3 @@ class KeyStore:
         with self._engine.connect() as conn:
             rows = conn.execute(query).all()
         return [KeyEvent(int(r.id), r.key_id, r.kind, int(r.created_at)) for r in rows]
-
-
-class EventCursor:
-    """Reads ``key_events`` in order without missing rows that commit out of id order.
-
-    On PostgreSQL two replicas may take event ids 5 and 6 and commit 6 first; a plain
-    "id > last seen" would then skip 5 forever. The cursor remembers such holes and
-    asks for them again on each poll for ``gap_ttl`` seconds (a hole can also be an id
-    from a rolled-back transaction, which never appears). Not thread-safe: one poller.
-    """
-
-    def __init__(self, store: KeyStore, start_after: int, *, gap_ttl: float = 60.0, max_gaps: int = 1000):
-        self._store = store
-        self._last = start_after
-        self._gaps: dict[int, float] = {}
-        self._gap_ttl = gap_ttl
-        self._max_gaps = max_gaps
-
-    @classmethod
-    def at_end(cls, store: KeyStore, *, lookback: int = 256) -> EventCursor:
-        """A cursor after the newest event that still watches holes among the last ``lookback`` ids."""
-        cursor = cls(store, max(0, store.max_event_id() - lookback))
-        cursor.poll()  # skips what is there, remembers what is missing
-        return cursor
-
-    @property
-    def last_id(self) -> int:
-        """The highest event id seen so far."""
-        return self._last
-
-    def poll(self, now: float | None = None) -> list[KeyEvent]:
-        """New events since the last poll (including late commits into holes), by id."""
-        at = time.monotonic() if now is None else now
-        events = self._store.events_after(self._last, also=self._gaps)
-        seen = {e.id for e in events}
-        for event_id in seen & self._gaps.keys():
-            del self._gaps[event_id]
-        if events:
-            top = max(seen)
-            for missing in range(max(self._last + 1, top - self._max_gaps), top):
-                if missing not in seen and len(self._gaps) < self._max_gaps:
-                    self._gaps[missing] = at
-            self._last = max(self._last, top)
-        for event_id, since in list(self._gaps.items()):
-            if at - since > self._gap_ttl:
-                del self._gaps[event_id]
-        return events

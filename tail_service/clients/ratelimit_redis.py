@@ -33,7 +33,8 @@ from collections.abc import Callable
 from importlib import resources
 from typing import cast
 
-from tail_service.clients.redis_pipe import Reply, Script, SharedRedis
+from tail_service.clients.redis_pipe import Script, SharedRedis
+from tail_service.clients.redis_resp import Reply
 from tail_service.core.ratelimit import (
     REASONS,
     UNLIMITED,

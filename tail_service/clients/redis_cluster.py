@@ -32,7 +32,8 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from tail_service.clients.redis_pipe import Arg, PipelinedRedis, Reply, Script
+from tail_service.clients.redis_pipe import PipelinedRedis, Script
+from tail_service.clients.redis_resp import Arg, Reply
 
 log = logging.getLogger("tail_service.clients.redis_cluster")
 

@@ -6,9 +6,9 @@ the socket round trip (measured: ``PING`` 58 µs against 27 µs for this client,
 caller its own pooled connection, so 64 requests in flight mean 64 sockets, 64 writes and
 64 reads. This client keeps one connection and writes every command issued in the same
 event-loop iteration with one ``write``: under load, admissions share syscalls and
-Redis reads them in one go. Replies are parsed by ``hiredis`` (the C parser redis-py
-uses) and matched to callers in order, as RESP guarantees. Everything else (the
-response cache, health pings, administration) still uses redis-py.
+Redis reads them in one go. The socket, the batching of writes and the reading of
+replies are in :mod:`.redis_resp`. Everything else (the response cache, health pings,
+administration) still uses redis-py.
 
 Two ways to send a command:
 
@@ -30,26 +30,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import socket
 import ssl
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-import hiredis
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-log = logging.getLogger("tail_service.clients.redis_pipe")
+from tail_service.clients.redis_resp import Arg, Reply, RespConnection, Sink, deliver, encode
 
-#: a reply, or the exception that stands for it (a Redis error reply or a lost connection)
-Reply = Any
-#: where a reply goes: a future someone awaits, or a callback
-Sink = asyncio.Future[Reply] | Callable[[Reply], None]
-Arg = str | bytes | int
 #: a deadline timer this late (s) means this process stalled, and ...
 _LATE = 0.005
 #: ... a reply gets this long (s) more to be read
@@ -60,29 +52,6 @@ _GRACE = 0.001
 _KEEPALIVE_IDLE = 15
 _KEEPALIVE_INTERVAL = 5
 _KEEPALIVE_COUNT = 3
-
-
-def encode(args: Sequence[Arg]) -> bytes:
-    """One command in RESP: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a.encode() if isinstance(a, str) else (b"%d" % a if isinstance(a, int) else a)
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
-
-
-def _deliver(sink: Sink, reply: Reply) -> None:
-    if isinstance(sink, asyncio.Future):
-        if not sink.done():  # a caller that timed out has cancelled it
-            if isinstance(reply, BaseException):
-                sink.set_exception(reply)
-            else:
-                sink.set_result(reply)
-        return
-    try:
-        sink(reply)
-    except Exception:
-        log.exception("a redis reply callback failed")
 
 
 @dataclass(frozen=True)
@@ -117,83 +86,6 @@ def _is_noscript(reply: Reply) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
 
 
-class _Connection(asyncio.Protocol):
-    """One socket: a write buffer flushed once per loop iteration and the FIFO of sinks."""
-
-    def __init__(self, on_lost: Callable[[_Connection], None]) -> None:
-        self._on_lost = on_lost
-        self._reader = hiredis.Reader(replyError=ResponseError)
-        self._sinks: deque[Sink] = deque()
-        self._buffer: list[bytes] = []
-        self._transport: asyncio.Transport | None = None
-        self._soon: asyncio.Handle | None = None
-        self._later: asyncio.TimerHandle | None = None
-        self.closed = False
-
-    # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-
-    def data_received(self, data: bytes) -> None:
-        reader, sinks = self._reader, self._sinks
-        reader.feed(data)
-        try:
-            while (reply := reader.gets()) is not False:
-                if not sinks:  # cannot happen with a well-behaved server
-                    self.abort(RedisConnectionError("redis sent a reply nobody asked for"))
-                    return
-                _deliver(sinks.popleft(), reply)
-        except hiredis.ProtocolError as exc:  # not RESP: this is not (or no longer) Redis
-            self.abort(RedisConnectionError(f"redis protocol error: {exc}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(RedisConnectionError(f"connection to redis lost: {exc or 'closed by the server'}"))
-
-    # ours
-    def send(self, payload: bytes, sink: Sink, delay: float) -> None:
-        """Queue ``payload``; it goes out this loop iteration, or within ``delay`` seconds."""
-        self._buffer.append(payload)
-        self._sinks.append(sink)
-        if delay <= 0:
-            if self._soon is None:
-                self._soon = asyncio.get_running_loop().call_soon(self._flush)
-        elif self._soon is None and self._later is None:
-            self._later = asyncio.get_running_loop().call_later(delay, self._flush)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._sinks)
-
-    def _flush(self) -> None:
-        self._soon = None
-        if self._later is not None:
-            self._later.cancel()
-            self._later = None
-        if self._buffer and self._transport is not None and not self.closed:
-            data = b"".join(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-            self._buffer.clear()
-            self._transport.write(data)
-
-    def abort(self, exc: Exception) -> None:
-        """Drop the socket; everything in flight fails with ``exc``."""
-        if self._transport is not None:
-            self._transport.abort()
-        self._fail(exc)
-
-    def _fail(self, exc: Exception) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for handle in (self._soon, self._later):
-            if handle is not None:
-                handle.cancel()
-        self._buffer.clear()
-        sinks, self._sinks = self._sinks, deque()
-        for sink in sinks:
-            _deliver(sink, exc)
-        self._on_lost(self)
-
-
 class PipelinedRedis:
     """One auto-pipelined connection to a Redis server (see the module doc)."""
 
@@ -207,7 +99,7 @@ class PipelinedRedis:
         self._password: str | None = opts.get("password")
         self._ssl = _ssl_context(opts) if url.startswith("rediss://") else None
         self._connect_timeout = connect_timeout
-        self._conn: _Connection | None = None
+        self._conn: RespConnection | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._backlog: list[tuple[bytes, Sink, float]] = []
         self._closed = False
@@ -223,7 +115,7 @@ class PipelinedRedis:
             conn.send(payload, sink, delay)
             return
         if self._closed:
-            _deliver(sink, RedisConnectionError("the redis client is closed"))
+            deliver(sink, RedisConnectionError("the redis client is closed"))
             return
         self._backlog.append((payload, sink, delay))
         if self._connecting is None:
@@ -308,7 +200,7 @@ class PipelinedRedis:
     # connection management
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        conn = _Connection(self._lost)
+        conn = RespConnection(self._lost)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._path:
@@ -338,7 +230,7 @@ class PipelinedRedis:
             error = exc if isinstance(exc, (ResponseError, RedisConnectionError)) else None
             failure = error or RedisConnectionError(f"could not connect to redis: {type(exc).__name__}")
             for _, sink, _ in backlog:
-                _deliver(sink, failure)
+                deliver(sink, failure)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -348,7 +240,7 @@ class PipelinedRedis:
         for payload, sink, delay in backlog:
             conn.send(payload, sink, delay)
 
-    def _lost(self, conn: _Connection) -> None:
+    def _lost(self, conn: RespConnection) -> None:
         if self._conn is conn:
             self._conn = None
 

@@ -1,10 +1,11 @@
 """The Anthropic Messages API behind the OpenAI-shaped :class:`~tail_service.core.provider.Provider`.
 
-Transport only; the wire translation lives in :mod:`.anthropic_convert`. One instance
-serves every ``anthropic`` deployment over an injected :class:`aiohttp.ClientSession`
-(the caller owns and closes it). Requests go to ``{base_url}/v1/messages`` (``base_url``
-may or may not already end in ``/v1``) with ``x-api-key``, ``anthropic-version`` and the
-call's ``x-request-id``.
+Transport only; the wire translation lives in :mod:`.anthropic_request`,
+:mod:`.anthropic_response` and :mod:`.anthropic_stream`. One instance serves every
+``anthropic`` deployment over an injected :class:`aiohttp.ClientSession` (the caller
+owns and closes it). Requests go to ``{base_url}/v1/messages`` (``base_url`` may or may
+not already end in ``/v1``) with ``x-api-key``, ``anthropic-version`` and the call's
+``x-request-id``.
 
 Failure mapping:
 
@@ -49,14 +50,12 @@ from tail_service.core.provider import (
     ProviderUnsupportedError,
 )
 from tail_service.core.types import UpstreamCall
-from tail_service.providers.anthropic_convert import (
-    AnthropicRequestError,
-    AnthropicResponseError,
+from tail_service.providers.anthropic_errors import AnthropicRequestError, AnthropicResponseError
+from tail_service.providers.anthropic_request import completion_to_chat_body, to_messages_request
+from tail_service.providers.anthropic_response import (
     chat_chunk_to_text_chunk,
     chat_to_text_completion,
-    completion_to_chat_body,
     from_messages_response,
-    to_messages_request,
 )
 from tail_service.providers.anthropic_stream import StreamTranslator
 from tail_service.providers.upstream_http import SSEDecoder, describe, parse_retry_after

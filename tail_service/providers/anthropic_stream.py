@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from tail_service.core.provider import ProviderHTTPError, ProviderStreamCut
-from tail_service.providers.anthropic_convert import (
-    ERROR_STATUS,
-    AnthropicResponseError,
+from tail_service.providers.anthropic_errors import ERROR_STATUS, AnthropicResponseError
+from tail_service.providers.anthropic_response import (
     chat_id,
     envelope,
     map_stop_reason,

@@ -1,4 +1,5 @@
-"""Pure translation tests for :mod:`tail_service.providers.anthropic_convert`."""
+"""Pure translation tests for the Anthropic adapter: :mod:`tail_service.providers.anthropic_request`,
+:mod:`~tail_service.providers.anthropic_response` and :mod:`~tail_service.providers.anthropic_stream`."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ from typing import Any
 import pytest
 
 from tail_service.core.provider import ProviderHTTPError, ProviderStreamCut
-from tail_service.providers.anthropic_convert import (
+from tail_service.providers.anthropic_errors import AnthropicRequestError, AnthropicResponseError
+from tail_service.providers.anthropic_request import (
     DEFAULT_MAX_TOKENS,
     JSON_INSTRUCTION,
-    AnthropicRequestError,
-    AnthropicResponseError,
+    completion_to_chat_body,
+    to_messages_request,
+)
+from tail_service.providers.anthropic_response import (
     chat_chunk_to_text_chunk,
     chat_to_text_completion,
-    completion_to_chat_body,
     from_messages_response,
-    to_messages_request,
 )
 from tail_service.providers.anthropic_stream import StreamTranslator
 from tail_service.providers.upstream_http import SSEDecoder

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tail_service.authsvc.events import EventCursor, EventHub
 from tail_service.authsvc.keys import (
     KEY_LENGTH,
     Pepper,
@@ -25,14 +26,8 @@ from tail_service.authsvc.keys import (
     load_pepper,
     looks_like_key,
 )
-from tail_service.authsvc.server import EventHub
-from tail_service.authsvc.store import (
-    EventCursor,
-    InvalidKeyArgument,
-    KeyEvent,
-    KeyNotFound,
-    KeyStore,
-)
+from tail_service.authsvc.records import InvalidKeyArgument, KeyEvent, KeyNotFound
+from tail_service.authsvc.store import KeyStore
 from tail_service.db import make_engine
 from tail_service.settings import AuthServiceSettings
 

@@ -1,6 +1,7 @@
-"""Pure translation between the OpenAI chat wire format and Anthropic's Messages API.
+"""Pure translation of OpenAI chat (and legacy completion) requests into Anthropic Messages requests.
 
-No I/O here: :mod:`tail_service.providers.anthropic` does transport and calls these.
+No I/O here: :mod:`tail_service.providers.anthropic` does transport and calls these;
+answers go back through :mod:`.anthropic_response` and :mod:`.anthropic_stream`.
 
 Request mapping (:func:`to_messages_request`), the lossy parts:
 
@@ -21,13 +22,12 @@ Request mapping (:func:`to_messages_request`), the lossy parts:
 from __future__ import annotations
 
 import re
-import time
-import uuid
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
 import orjson
+
+from tail_service.providers.anthropic_errors import AnthropicRequestError
 
 #: ``max_tokens`` sent when the client gave none (Anthropic requires one).
 DEFAULT_MAX_TOKENS = 4096
@@ -37,66 +37,8 @@ JSON_INSTRUCTION = (
     "Respond with a single valid JSON value only: no prose, no explanations, no Markdown code fences."
 )
 
-_FINISH_REASONS: Mapping[str, str] = MappingProxyType(
-    dict.fromkeys(("end_turn", "stop_sequence", "pause_turn"), "stop")
-    | dict.fromkeys(("max_tokens", "model_context_window_exceeded"), "length")
-    | {"tool_use": "tool_calls", "refusal": "content_filter"}
-)
-#: HTTP status per Anthropic error type; ``overloaded_error`` (really 529) is reported as 503.
-ERROR_STATUS: Mapping[str, int] = MappingProxyType(
-    dict(invalid_request_error=400, authentication_error=401, billing_error=402, permission_error=403)
-    | dict(not_found_error=404, request_too_large=413, rate_limit_error=429, api_error=500)
-    | dict(timeout_error=504, overloaded_error=503)
-)
 _BAD_TOOL_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _LEGACY_ONLY = frozenset({"prompt", "echo", "suffix", "best_of", "logprobs"})
-
-
-class AnthropicConvertError(ValueError):
-    """Base of the translation errors."""
-
-
-class AnthropicRequestError(AnthropicConvertError):
-    """The OpenAI request cannot be expressed for Anthropic; the adapter answers HTTP 400."""
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-class AnthropicResponseError(AnthropicConvertError):
-    """The upstream answer is not in the Messages wire format (a protocol error)."""
-
-
-def map_stop_reason(reason: Any) -> str:
-    """Anthropic ``stop_reason`` -> OpenAI ``finish_reason`` (unknown/absent -> ``"stop"``)."""
-    return _FINISH_REASONS.get(reason, "stop") if isinstance(reason, str) else "stop"
-
-
-def openai_usage(usage: Any) -> dict[str, Any]:
-    """Anthropic ``usage`` -> OpenAI ``usage``; prompt tokens include cache reads and writes."""
-    u = usage if isinstance(usage, Mapping) else {}
-
-    def num(key: str) -> int:
-        v = u.get(key)
-        return v if isinstance(v, int) and not isinstance(v, bool) else 0
-
-    cached = num("cache_read_input_tokens")
-    prompt = num("input_tokens") + cached + num("cache_creation_input_tokens")
-    completion = num("output_tokens")
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
-def chat_id(message_id: Any) -> str:
-    """``msg_abc`` -> ``chatcmpl-abc`` (a random suffix when the upstream gave no id)."""
-    suffix = message_id.removeprefix("msg_") if isinstance(message_id, str) else ""
-    return "chatcmpl-" + (suffix or uuid.uuid4().hex)
 
 
 def _dumps(value: Any) -> str:
@@ -346,46 +288,6 @@ def to_messages_request(body: dict[str, Any], upstream_model: str) -> dict[str, 
     return out
 
 
-def tool_call(tool_id: Any, name: Any, arguments: str, index: int | None = None) -> dict[str, Any]:
-    head = {} if index is None else {"index": index}
-    return head | {"id": tool_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
-def envelope(obj: str, id_: Any, created: int, model: str, choices: list[Any]) -> dict[str, Any]:
-    return {"id": id_, "object": obj, "created": created, "model": model, "choices": choices}
-
-
-def from_messages_response(
-    resp: dict[str, Any], public_model: str, created: int | None = None
-) -> dict[str, Any]:
-    """Anthropic ``message`` -> OpenAI ``chat.completion``. Thinking/server-tool blocks are dropped."""
-    content = resp.get("content")
-    if resp.get("type", "message") != "message" or not isinstance(content, list):
-        raise AnthropicResponseError("upstream answer is not an Anthropic message")
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for block in (b for b in content if isinstance(b, dict)):
-        if block.get("type") == "text":
-            texts.append(str(block.get("text") or ""))
-        elif block.get("type") == "tool_use":
-            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
-                raise AnthropicResponseError("tool_use block without id or name")
-            calls.append(tool_call(block["id"], block["name"], _dumps(block.get("input") or {})))
-    text = "".join(texts)
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": text or (None if calls else ""),
-        "refusal": None,
-    }
-    if calls:
-        message["tool_calls"] = calls
-    finish = map_stop_reason(resp.get("stop_reason"))
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-    ts = int(time.time()) if created is None else created
-    out = envelope("chat.completion", chat_id(resp.get("id")), ts, public_model, [choice])
-    return out | {"usage": openai_usage(resp.get("usage"))}
-
-
 def completion_to_chat_body(body: dict[str, Any]) -> dict[str, Any]:
     """Legacy completion body -> chat body with one user message (string ``prompt`` only)."""
     prompt = body.get("prompt")
@@ -401,27 +303,3 @@ def completion_to_chat_body(body: dict[str, Any]) -> dict[str, Any]:
     if chat.get("max_tokens") is None:
         chat["max_tokens"] = LEGACY_DEFAULT_MAX_TOKENS
     return chat
-
-
-def _text_envelope(chat: dict[str, Any], text: str | None, finish: str | None) -> dict[str, Any]:
-    choices = [] if text is None else [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]
-    cmpl_id = "cmpl-" + str(chat["id"]).removeprefix("chatcmpl-")
-    return envelope("text_completion", cmpl_id, chat["created"], chat["model"], choices)
-
-
-def chat_to_text_completion(chat: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI ``chat.completion`` (one choice) -> ``text_completion``."""
-    choice = chat["choices"][0]
-    text = choice["message"].get("content") or ""
-    return _text_envelope(chat, text, choice["finish_reason"]) | {"usage": chat["usage"]}
-
-
-def chat_chunk_to_text_chunk(chunk: dict[str, Any]) -> dict[str, Any] | None:
-    """A chat chunk -> a ``text_completion`` chunk; ``None`` for chunks with nothing to say."""
-    if not chunk["choices"]:
-        return _text_envelope(chunk, None, None) | {"usage": chunk.get("usage")}
-    choice = chunk["choices"][0]
-    text = choice["delta"].get("content") or ""
-    if not text and choice["finish_reason"] is None:
-        return None
-    return _text_envelope(chunk, text, choice["finish_reason"])

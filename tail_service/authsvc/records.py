@@ -1,0 +1,113 @@
+"""What the key store hands out and what it accepts: records, errors and argument checks.
+
+:class:`KeyInfo` is a key as admins see it, :class:`VerifiedKey` the principal of a key
+that verified, :class:`KeyEvent` one row of the ``key_events`` log. The ``clean_*``
+functions check and normalise what callers pass to :class:`~tail_service.authsvc.store.KeyStore`
+and raise :class:`InvalidKeyArgument` naming the field; the bounds are the ``MAX_*``
+constants. No SQL here.
+
+Times are unix seconds (integers). Limits of 0 mean "no limit", ``expires_at`` 0 "never".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+EventKind = Literal["revoked", "updated"]
+
+MAX_TEXT = 200  # longest name, tenant or model id
+MAX_MODELS = 1000
+MAX_LIMIT = 2**53  # limits stay exact in JSON and in every client language
+MAX_EXPIRES = 253_402_300_799  # 9999-12-31: larger values are milliseconds by mistake
+
+
+class KeyStoreError(Exception):
+    """Base of the store's expected errors; messages never include a key."""
+
+
+class InvalidKeyArgument(KeyStoreError, ValueError):
+    """A field is out of range or malformed; the message names the field."""
+
+
+class KeyNotFound(KeyStoreError, LookupError):
+    """No key has that id (or that plaintext)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A key as admins see it: the display prefix, never the key or its hash."""
+
+    id: str
+    name: str
+    tenant: str
+    allowed_models: tuple[str, ...]  # empty: every model
+    rpm: int
+    tpm: int
+    max_concurrency: int
+    expires_at: int
+    revoked: bool
+    prefix: str
+    created_at: int
+    updated_at: int
+    response_cache: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedKey:
+    """Who a verified key belongs to and what it may do (limits: 0 = unlimited)."""
+
+    key_id: str
+    tenant: str
+    name: str
+    allowed_models: tuple[str, ...]
+    rpm: int
+    tpm: int
+    max_concurrency: int
+    expires_at: int
+    response_cache: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEvent:
+    """One row of ``key_events``: ``key_id`` was revoked or updated."""
+
+    id: int
+    key_id: str
+    kind: EventKind
+    created_at: int
+
+
+def clean_text(field: str, value: str, *, required: bool) -> str:
+    """``value`` stripped; :class:`InvalidKeyArgument` if empty and ``required``, or over :data:`MAX_TEXT`."""
+    value = value.strip()
+    if required and not value:
+        raise InvalidKeyArgument(f"{field} is required")
+    if len(value) > MAX_TEXT:
+        raise InvalidKeyArgument(f"{field} is longer than {MAX_TEXT} characters")
+    return value
+
+
+def clean_limit(field: str, value: int) -> int:
+    """A limit in 0 (unlimited) .. :data:`MAX_LIMIT`, else :class:`InvalidKeyArgument`."""
+    if not 0 <= value <= MAX_LIMIT:
+        raise InvalidKeyArgument(f"{field} must be between 0 (unlimited) and {MAX_LIMIT}")
+    return int(value)
+
+
+def clean_expires(value: int) -> int:
+    """Unix seconds in 0 (never) .. :data:`MAX_EXPIRES`, else :class:`InvalidKeyArgument`."""
+    if not 0 <= value <= MAX_EXPIRES:
+        raise InvalidKeyArgument("expires_at must be unix seconds, or 0 for never")
+    return int(value)
+
+
+def clean_models(values: Iterable[str]) -> tuple[str, ...]:
+    """Model ids checked like text, duplicates dropped in order; at most :data:`MAX_MODELS`."""
+    out: dict[str, None] = {}
+    for v in values:
+        out[clean_text("allowed_models entry", v, required=True)] = None
+    if len(out) > MAX_MODELS:
+        raise InvalidKeyArgument(f"allowed_models holds more than {MAX_MODELS} models")
+    return tuple(out)
