@@ -117,6 +117,18 @@ class StreamOptions(OpenAIModel):
     include_usage: bool | None = None
 
 
+def generation_params(
+    stream: bool | None, options: StreamOptions | None, n: int | None, max_output_tokens: int | None
+) -> RequestParams:
+    """The typed parameters of a chat or legacy completion request."""
+    return RequestParams(
+        stream=stream is True,
+        include_usage=options is not None and options.include_usage is True,
+        n=n or 1,
+        max_output_tokens=max_output_tokens,
+    )
+
+
 class ResponseFormat(OpenAIModel):
     type: Literal["text", "json_object", "json_schema"]
 
@@ -145,12 +157,5 @@ class ChatCompletionRequest(RequestSchema):
     metadata: dict[str, str] | None = None
 
     def params(self) -> RequestParams:
-        opts = self.stream_options
-        return RequestParams(
-            stream=self.stream is True,
-            include_usage=opts is not None and opts.include_usage is True,
-            n=self.n or 1,
-            max_output_tokens=self.max_completion_tokens
-            if self.max_completion_tokens is not None
-            else self.max_tokens,
-        )
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return generation_params(self.stream, self.stream_options, self.n, limit)

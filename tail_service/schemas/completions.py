@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from tail_service.core.types import RequestParams
-from tail_service.schemas.chat import StreamOptions
+from tail_service.schemas.chat import StreamOptions, generation_params
 from tail_service.schemas.common import RequestSchema
 
 
@@ -28,10 +28,4 @@ class CompletionRequest(RequestSchema):
     user: str | None = None
 
     def params(self) -> RequestParams:
-        opts = self.stream_options
-        return RequestParams(
-            stream=self.stream is True,
-            include_usage=opts is not None and opts.include_usage is True,
-            n=self.n or 1,
-            max_output_tokens=self.max_tokens,
-        )
+        return generation_params(self.stream, self.stream_options, self.n, self.max_tokens)

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +22,8 @@ import orjson
 import pytest
 
 from tests.fakes.openai_upstream import FakeOpenAI, run_openai_upstream_in_thread
+from tests.processes import run_tail
 
-EXE = str(Path(sys.executable).with_name("tail-service"))
 HOST = "127.0.0.1"
 HEADER_TIMEOUT = 1.0
 BODY_IDLE = 1.0
@@ -73,32 +70,10 @@ ratelimit: {{enabled: false}}
 """
         )
         env = {**os.environ, "HOSTILE_KEY": "sk-up-h"}
-        proc = subprocess.Popen(
-            [EXE, "serve", "--config", str(cfg), "--port", "0"], stderr=subprocess.PIPE, text=True, env=env
-        )
-        assert proc.stderr is not None
-        port = 0
-        for line in proc.stderr:
-            m = re.search(r"listening on http://[\d.]+:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-                break
-        log: list[str] = []
-        drain = threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True)
-        drain.start()
-        try:
-            assert port, "the server did not start"
-            client = openai.OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="x", max_retries=5)
+        with run_tail(["serve", "--config", str(cfg), "--port", "0"], env) as running:
+            client = openai.OpenAI(base_url=running.url + "/v1", api_key="x", max_retries=5)
             client.models.list()  # up and answering
-            yield Served(proc, port, log, upstream)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            drain.join(5)
+            yield Served(running.proc, running.port, running.log, upstream)
 
 
 def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -26,9 +26,15 @@ from tail_service.clients.limiter_guard import GuardedLimiter
 from tail_service.clients.ratelimit_redis import RedisRateLimiter, hash_tag
 from tail_service.clients.redis_cluster import ClusterPipelinedRedis
 from tail_service.core.ratelimit import UNLIMITED, AdmissionRequest, Limits
-from tail_service.redis_embedded import redis_server_binary, terminate
+from tail_service.redis_embedded import terminate
 from tail_service.settings import RedisSettings
-from tests.integration.test_redis_cluster import SLOT_RANGES, free_ports, running_cluster
+from tests.integration.test_redis_cluster import (
+    SLOT_RANGES,
+    free_ports,
+    running_cluster,
+    start_node,
+    wait_until_up,
+)
 
 NONE = Limits()
 
@@ -53,23 +59,10 @@ def replicated_cluster(base: Path) -> Iterator[tuple[list[int], dict[int, subpro
     procs: dict[int, subprocess.Popen[bytes]] = {}
     try:
         for port in ports:
-            d = base / str(port)
-            d.mkdir()
-            args = [
-                str(redis_server_binary()),
-                "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(d), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000",
-            ]  # fmt: skip
-            procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+            procs[port] = start_node(base, port)
         nodes = {p: redis.Redis(port=p, retry=None) for p in ports}
         for port, node in nodes.items():
-            for _ in range(250):
-                assert procs[port].poll() is None, "a cluster node did not start"
-                with contextlib.suppress(redis.ConnectionError):
-                    node.ping()
-                    break
-                time.sleep(0.02)
+            wait_until_up(node, procs[port])
         for port, (first, last) in zip(ports[:3], SLOT_RANGES, strict=True):
             nodes[port].execute_command("CLUSTER", "ADDSLOTS", *range(first, last + 1))
         for port in ports[1:]:

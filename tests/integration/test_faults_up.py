@@ -8,11 +8,8 @@ Each test starts the real `tail-service up` (port 0, loopback) and its real chil
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,8 +19,8 @@ import httpx
 import pytest
 
 from tests.integration.up_driver import child_pids
+from tests.processes import EXE, run_tail
 
-EXE = str(Path(sys.executable).with_name("tail-service"))
 EMBED = "local/all-minilm-l6-v2"
 
 
@@ -58,32 +55,8 @@ class Up:
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[Up]:
     state = tmp_path / "state"
-    proc = subprocess.Popen(
-        [EXE, "up", "--port", "0", "--state-dir", str(state)], stderr=subprocess.PIPE, text=True, env=_env()
-    )
-    assert proc.stderr is not None
-    seen: list[str] = []
-    url = None
-    for line in proc.stderr:
-        seen.append(line)
-        m = re.search(r"listening on (http://\S+)", line)
-        if m:
-            url = m.group(1)
-            break
-    assert url, "".join(seen[-40:])
-    running = Up(proc, url, state, seen)
-    drain = threading.Thread(target=lambda: running.log.extend(proc.stderr or ()), daemon=True)
-    drain.start()
-    try:
-        yield running
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        drain.join(5)
+    with run_tail(["up", "--port", "0", "--state-dir", str(state)], _env()) as running:
+        yield Up(running.proc, running.url, state, running.log)
 
 
 def _embed(client: httpx.Client, key: str) -> httpx.Response:

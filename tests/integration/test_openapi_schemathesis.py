@@ -34,32 +34,45 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(
     key = stack.create_key()
     st = Path(sys.executable).with_name("st")
     with serve_app(settings) as app:
-        proc = subprocess.run(
-            [
-                str(st),
-                "run",
-                f"{app.base_url}/openapi.json",
-                "--header",
-                f"Authorization: Bearer {key}",
-                "--checks",
-                "all",
-                "--max-examples",
-                "50",
-                "--phases",
-                "examples,coverage,fuzzing",
-                "--seed",
-                str(SEED),
-                "--generation-database",
-                "none",
-                "--workers",
-                "2",
-                "--max-failures",
-                "20",
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=540,
-            env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
-        )
+        for attempt in range(3):
+            proc = _schemathesis(st, app.base_url, key, SEED + attempt, tmp_path)
+            # CPython 3.11's ast.parse can fail with this SystemError when called deep in a
+            # recursion (hypothesis parses lambda sources for a strategy's repr): a bug of
+            # the interpreter inside the tool, not a finding about the API. Anything else
+            # fails at once.
+            if proc.returncode == 0 or "AST constructor recursion depth mismatch" not in proc.stdout:
+                break
     assert proc.returncode == 0, proc.stdout[-12000:] + proc.stderr[-3000:]
+
+
+def _schemathesis(
+    st: Path, base_url: str, key: str, seed: int, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(st),
+            "run",
+            f"{base_url}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {key}",
+            "--checks",
+            "all",
+            "--max-examples",
+            "50",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--seed",
+            str(seed),
+            "--generation-database",
+            "none",
+            "--workers",
+            "2",
+            "--max-failures",
+            "20",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
+    )

@@ -50,6 +50,29 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def start_node(base: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """One cluster-enabled redis-server on loopback ``port``, its files under ``base/port``."""
+    d = base / str(port)
+    d.mkdir()
+    args = [
+        str(redis_server_binary()),
+        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(d), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", "2000", *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL)
+
+
+def wait_until_up(node: redis.Redis, proc: subprocess.Popen[bytes]) -> None:
+    """Wait (up to 5 s) until ``node`` answers PING."""
+    for _ in range(250):
+        assert proc.poll() is None, "a cluster node did not start"
+        with contextlib.suppress(redis.ConnectionError):
+            node.ping()
+            return
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def running_cluster(base: Path, password: str | None = None) -> Iterator[list[int]]:
     """Three primaries on loopback, a third of the slots each; yields their ports."""
@@ -58,23 +81,10 @@ def running_cluster(base: Path, password: str | None = None) -> Iterator[list[in
     auth = ["--requirepass", password, "--masterauth", password] if password else []
     try:
         for port in ports:
-            d = base / str(port)
-            d.mkdir()
-            args = [
-                str(redis_server_binary()),
-                "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(d), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000", *auth,
-            ]  # fmt: skip
-            procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+            procs.append(start_node(base, port, *auth))
         nodes = [redis.Redis(port=p, password=password, retry=None) for p in ports]
         for node, proc in zip(nodes, procs, strict=True):
-            for _ in range(250):
-                assert proc.poll() is None, "a cluster node did not start"
-                with contextlib.suppress(redis.ConnectionError):
-                    node.ping()
-                    break
-                time.sleep(0.02)
+            wait_until_up(node, proc)
         for node, (first, last) in zip(nodes, SLOT_RANGES, strict=True):
             node.execute_command("CLUSTER", "ADDSLOTS", *range(first, last + 1))
         for port in ports[1:]:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,37 +13,13 @@ import openai
 import pytest
 
 from tests.fakes.openai_upstream import FakeOpenAI
-
-EXE = str(Path(sys.executable).with_name("tail-service"))
+from tests.processes import EXE, run_tail
 
 
 @contextmanager
 def serve(args: list[str], env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
-    proc = subprocess.Popen(
-        [EXE, "serve", *args], stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
-    )
-    assert proc.stderr is not None
-    url = ""
-    for line in proc.stderr:
-        m = re.search(r"listening on (http://\S+)", line)
-        if m:
-            url = m.group(1)
-            break
-    log: list[str] = []
-    drain = threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True)
-    drain.start()
-    try:
-        assert url, "no listening line"
-        yield proc, url, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        drain.join(5)
+    with run_tail(["serve", *args], {**os.environ, **env}) as running:
+        yield running.proc, running.url, running.log
 
 
 def worker_pids(pid: int) -> list[int]:
