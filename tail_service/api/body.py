@@ -19,13 +19,13 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
-from tail_service.api.deps import get_services
 from tail_service.errors import (
     ClientDisconnected,
     InvalidRequestError,
     RequestTimeoutError,
     RequestTooLargeError,
 )
+from tail_service.settings import ServerSettings
 
 log = logging.getLogger("tail_service.api")
 
@@ -36,13 +36,13 @@ MAX_DEPTH = 128
 DUMPS_DEPTH = 254
 
 
-async def read_json(request: Request, limit: int) -> tuple[dict[str, Any], int]:
-    """``(the body as a JSON object, its size in bytes)``; 413 past ``limit`` bytes, 408 if it
+async def read_json(request: Request, server: ServerSettings) -> tuple[dict[str, Any], int]:
+    """``(the body as a JSON object, its size in bytes)``; 413 past ``server.max_body_bytes``, 408 if it
     stalls, 400 if it is not a JSON object or is nested deeper than :data:`MAX_DEPTH`."""
+    limit = server.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
-    server = get_services(request).settings.server
     raw = await _read(request, limit, server.body_idle_timeout, server.body_min_rate)
     if not raw:
         raise InvalidRequestError(

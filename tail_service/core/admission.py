@@ -31,7 +31,7 @@ from tail_service.core.ratelimit import (
     ratelimit_headers,
 )
 from tail_service.core.routing import ModelRouter
-from tail_service.core.token_counter import TokenCounter, count_prompt
+from tail_service.core.token_counter import COUNT_INLINE_MAX_BYTES, TokenCounter, count_prompt
 from tail_service.core.types import Endpoint, ProxyRequest
 from tail_service.errors import RateLimitError, TokenRateLimitError
 
@@ -62,11 +62,12 @@ class Admitter:
         self._id_prefix = "a" + os.urandom(6).hex() + ":"
         self._ids = itertools.count()
 
-    async def _reserve(self, req: ProxyRequest) -> int:
+    def _answer_tokens(self, req: ProxyRequest) -> int:
+        """Tokens reserved for the answer: the limit asked for (or the default), times ``n``."""
         answer = req.params.max_output_tokens
         if answer is None:
             answer = 0 if req.endpoint is Endpoint.EMBEDDING else self._default_max_tokens
-        return await count_prompt(self._counter, req) + answer * req.params.n
+        return answer * req.params.n
 
     async def admit(
         self, req: ProxyRequest, priority: Priority = Priority.INTERACTIVE
@@ -81,7 +82,13 @@ class Admitter:
         model_limits, total_limits = self._router.model_limits(req.model)
         if not (key_limits.any or model_limits.any or total_limits.any):
             return None, {}
-        tokens = await self._reserve(req) if (key_limits.tpm or model_limits.tpm or total_limits.tpm) else 0
+        tokens = 0
+        if key_limits.tpm or model_limits.tpm or total_limits.tpm:
+            if req.body_bytes <= COUNT_INLINE_MAX_BYTES:  # the usual case: no coroutine to await
+                prompt = self._counter.count_prompt(req.body, req.endpoint.value)
+            else:
+                prompt = await count_prompt(self._counter, req)
+            tokens = prompt + self._answer_tokens(req)
         ask = AdmissionRequest(
             subject=p.key_id,
             request_id=self._id_prefix + str(next(self._ids)),
