@@ -13,10 +13,10 @@ import os
 import time
 from typing import Any
 
-import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tail_service.api.errors import error_response
 from tail_service.errors import ClientDisconnected, TailError
 from tail_service.logging import request_id_var
 
@@ -82,14 +82,7 @@ class RequestIdMiddleware:
             err = TailError(
                 f"The server had an error processing your request (request id {rid}). Sorry about that!"
             )
-            await send_with_id(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
-            await send({"type": "http.response.body", "body": orjson.dumps(err.body())})
+            await error_response(err)(scope, receive, send_with_id)
         finally:
             if status[0] == CLIENT_CLOSED:
                 log.info("client closed the connection (%s %s)", scope["method"], scope["path"])
