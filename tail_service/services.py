@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,3 +35,5 @@ class Services:
     started_at: int = field(default_factory=lambda: int(time.time()))
     #: named async checks for ``/health``: each returns a status dict
     health_checks: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
+    #: large request bodies are parsed one at a time (see :func:`tail_service.api.body.read_json`)
+    large_body_gate: asyncio.Lock = field(default_factory=asyncio.Lock)

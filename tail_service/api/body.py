@@ -34,16 +34,33 @@ log = logging.getLogger("tail_service.api")
 MAX_DEPTH = 128
 #: the most nested objects and arrays orjson.dumps writes (checked by the tests)
 DUMPS_DEPTH = 254
+#: bodies this large or larger are parsed one at a time (see :func:`read_json`)
+LARGE_BODY_BYTES = 1 << 20
 
 
-async def read_json(request: Request, server: ServerSettings) -> tuple[dict[str, Any], int]:
-    """``(the body as a JSON object, its size in bytes)``; 413 past ``server.max_body_bytes``, 408 if it
-    stalls, 400 if it is not a JSON object or is nested deeper than :data:`MAX_DEPTH`."""
+async def read_json(
+    request: Request, server: ServerSettings, large_gate: asyncio.Lock
+) -> tuple[dict[str, Any], int]:
+    """``(the body as a JSON object, its size in bytes)``; 413 past ``server.max_body_bytes``,
+    408 if it stalls, 400 if it is not a JSON object or is nested deeper than :data:`MAX_DEPTH`.
+
+    Parsing holds the event loop (45-70 ms for 30 MB), so bodies of :data:`LARGE_BODY_BYTES`
+    or more are parsed one at a time through ``large_gate``, each after a turn of the loop:
+    requests beside them wait for one parse at most, never for several in a row.
+    """
     limit = server.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLargeError(f"The request body is larger than the {limit} byte limit.")
     raw = await _read(request, limit, server.body_idle_timeout, server.body_min_rate)
+    if len(raw) < LARGE_BODY_BYTES:
+        return _parse(raw), len(raw)
+    async with large_gate:
+        await asyncio.sleep(0)
+        return _parse(raw), len(raw)
+
+
+def _parse(raw: bytes | bytearray) -> dict[str, Any]:
     if not raw:
         raise InvalidRequestError(
             "We could not parse the JSON body of your request: the body is empty.",
@@ -64,7 +81,7 @@ async def read_json(request: Request, server: ServerSettings) -> tuple[dict[str,
         raise InvalidRequestError(
             f"The request body is nested more than {MAX_DEPTH} levels deep.", code="nesting_too_deep"
         )
-    return body, len(raw)
+    return body
 
 
 async def _read(request: Request, limit: int, idle: float, min_rate: int) -> bytes | bytearray:

@@ -28,7 +28,7 @@ async def _parse(
 ) -> tuple[Services, ProxyRequest]:
     services = get_services(request)
     principal = await authenticate(request, services)
-    body, size = await read_json(request, services.settings.server)
+    body, size = await read_json(request, services.settings.server, services.large_body_gate)
     params = parse_body(schema, body)
     mode = cache_mode(request, "use" if principal.response_cache else services.settings.cache.default)
     return services, proxy_request(endpoint, body, params, request_id(request), principal, mode, size)
