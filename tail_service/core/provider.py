@@ -1,4 +1,4 @@
-"""The seam between the model proxy and the adapters: the Provider protocol and its errors.
+"""The seam between the model proxy and the adapters: the Provider protocol.
 
 ``core`` declares what it needs; ``providers/`` implements it (raising the
 ``ProviderError`` branch of :mod:`tail_service.errors`) and ``app.py`` wires the
@@ -20,27 +20,6 @@ from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from tail_service.core.types import UpstreamCall
-from tail_service.errors import (
-    ProviderConnectionError,
-    ProviderError,
-    ProviderHTTPError,
-    ProviderProtocolError,
-    ProviderStreamCut,
-    ProviderTimeoutError,
-    ProviderUnsupportedError,
-)
-
-#: the failures an adapter raises (defined in :mod:`tail_service.errors`, the one tree)
-__all__ = [
-    "Provider",
-    "ProviderConnectionError",
-    "ProviderError",
-    "ProviderHTTPError",
-    "ProviderProtocolError",
-    "ProviderStreamCut",
-    "ProviderTimeoutError",
-    "ProviderUnsupportedError",
-]
 
 
 class Provider(Protocol):

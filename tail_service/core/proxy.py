@@ -21,20 +21,18 @@ import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from tail_service.core.provider import (
-    Provider,
-    ProviderConnectionError,
-    ProviderError,
-    ProviderHTTPError,
-    ProviderStreamCut,
-    ProviderTimeoutError,
-    ProviderUnsupportedError,
-)
+from tail_service.core.provider import Provider
 from tail_service.core.routing import ModelRouter
 from tail_service.core.types import Deployment, Endpoint, ProxyRequest, UpstreamCall
 from tail_service.errors import (
     InvalidRequestError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderHTTPError,
     ProviderNotInstalledError,
+    ProviderStreamCut,
+    ProviderTimeoutError,
+    ProviderUnsupportedError,
     ServiceUnavailableError,
     TailError,
     UpstreamConnectionError,

@@ -40,7 +40,8 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from tail_service.core.provider import (
+from tail_service.core.types import UpstreamCall
+from tail_service.errors import (
     ProviderConnectionError,
     ProviderError,
     ProviderHTTPError,
@@ -49,7 +50,6 @@ from tail_service.core.provider import (
     ProviderTimeoutError,
     ProviderUnsupportedError,
 )
-from tail_service.core.types import UpstreamCall
 from tail_service.providers.anthropic_errors import AnthropicRequestError, AnthropicResponseError
 from tail_service.providers.anthropic_request import completion_to_chat_body, to_messages_request
 from tail_service.providers.anthropic_response import (

@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from tail_service.core.provider import ProviderHTTPError, ProviderStreamCut
+from tail_service.errors import ProviderHTTPError, ProviderStreamCut
 from tail_service.providers.anthropic_errors import ERROR_STATUS, AnthropicResponseError
 from tail_service.providers.anthropic_response import (
     chat_id,

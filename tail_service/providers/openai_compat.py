@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tail_service.core.provider import (
+from tail_service.core.types import UpstreamCall
+from tail_service.errors import (
     ProviderConnectionError,
     ProviderError,
     ProviderHTTPError,
@@ -26,7 +27,6 @@ from tail_service.core.provider import (
     ProviderStreamCut,
     ProviderTimeoutError,
 )
-from tail_service.core.types import UpstreamCall
 from tail_service.providers.upstream_http import SSEDecoder, describe, error_message, parse_retry_after
 
 _PATHS = {"chat": "/chat/completions", "completion": "/completions", "embeddings": "/embeddings"}

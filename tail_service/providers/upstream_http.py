@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from tail_service.core.provider import ProviderProtocolError
+from tail_service.errors import ProviderProtocolError
 
 #: longest SSE line accepted before the stream is declared broken
 MAX_SSE_LINE = 16 * 1024 * 1024

@@ -12,7 +12,8 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
-from tail_service.core.provider import (
+from tail_service.core.types import Deployment, Endpoint, UpstreamCall
+from tail_service.errors import (
     ProviderConnectionError,
     ProviderError,
     ProviderHTTPError,
@@ -21,7 +22,6 @@ from tail_service.core.provider import (
     ProviderTimeoutError,
     ProviderUnsupportedError,
 )
-from tail_service.core.types import Deployment, Endpoint, UpstreamCall
 from tail_service.providers.anthropic import AnthropicProvider
 from tests.fakes.anthropic_upstream import FakeAnthropic, Fault, start_anthropic_upstream
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tail_service.core.provider import ProviderHTTPError, ProviderStreamCut
+from tail_service.errors import ProviderHTTPError, ProviderStreamCut
 from tail_service.providers.anthropic_errors import AnthropicRequestError, AnthropicResponseError
 from tail_service.providers.anthropic_request import (
     DEFAULT_MAX_TOKENS,

@@ -17,9 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tail_service.core.provider import ProviderError, ProviderHTTPError, ProviderUnsupportedError
 from tail_service.core.types import Deployment, Endpoint, UpstreamCall
-from tail_service.errors import ProviderNotInstalledError
+from tail_service.errors import (
+    ProviderError,
+    ProviderHTTPError,
+    ProviderNotInstalledError,
+    ProviderUnsupportedError,
+)
 from tail_service.providers.local import resources
 from tail_service.providers.local.concurrency import MicroBatcher
 from tail_service.providers.local.provider import CHAT_MODEL, EMBED_MODEL, LocalProvider

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tail_service.core.provider import ProviderHTTPError, ProviderUnsupportedError
+from tail_service.errors import ProviderHTTPError, ProviderUnsupportedError
 from tail_service.providers.local.llama import LlamaModel
 from tail_service.providers.local.sampling import Sampler, SamplingParams
 from tail_service.providers.local.textstream import TextAssembler

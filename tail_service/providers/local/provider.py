@@ -41,13 +41,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tail_service.core.provider import (
-    ProviderError,
-    ProviderHTTPError,
-    ProviderStreamCut,
-    ProviderUnsupportedError,
-)
 from tail_service.core.types import UpstreamCall
+from tail_service.errors import ProviderError, ProviderHTTPError, ProviderStreamCut, ProviderUnsupportedError
 from tail_service.providers.local import resources
 from tail_service.providers.local.concurrency import MicroBatcher, SingleFlight
 from tail_service.providers.local.resources import CHAT_MODEL, EMBED_MODEL
