@@ -72,7 +72,18 @@ class SecretsClient:
                 continue
             old = self._values.get(name)
             if old is None or old[0] != resp.meta.version:
-                self._values[name] = (resp.meta.version, resp.value.decode("utf-8"))
+                try:
+                    value = resp.value.decode("utf-8")
+                except UnicodeDecodeError:
+                    # An API key is text: this one cannot be sent, so it stays unavailable
+                    # (503 credential_unavailable) and the others still load.
+                    self.last_error = "INVALID_UTF8"
+                    log.error(
+                        "credential is not valid UTF-8; set it again",
+                        extra={"secret": name, "version": resp.meta.version},
+                    )
+                    continue
+                self._values[name] = (resp.meta.version, value)
                 log.info("credential loaded", extra={"secret": name, "version": resp.meta.version})
             self.last_error = None
 

@@ -23,6 +23,7 @@ import aiohttp
 import grpc
 import pytest
 
+from tail_service import tiktoken_counter
 from tail_service.app import create_app
 from tail_service.proto import secrets_pb2
 from tests.stack_fixtures import Stack
@@ -88,19 +89,35 @@ def _settings(stack: Stack, secret: str, **kw: Any) -> Any:
     return stack.gateway_settings([entry], **kw)
 
 
-async def test_a_start_that_fails_part_way_closes_session_channels_and_tasks(stack: Stack) -> None:
-    # a credential that is not UTF-8 makes secret-service's client fail at start-up,
-    # after the session, the providers and the auth-service watch exist
+async def test_a_start_that_fails_part_way_closes_session_channels_and_tasks(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the tokenizer's bundled data missing fails start-up when the tables are awaited:
+    # after the session, the providers, the auth-service watch and the secrets client exist
+    def missing(name: str) -> Path:
+        raise tiktoken_counter.TokenizerDataError(f"{name}: not bundled")
+
+    monkeypatch.setattr(tiktoken_counter, "_data_file", missing)
     admin = stack.admin_secrets()
-    admin.PutSecret(secrets_pb2.PutSecretRequest(name="bad", value=b"\xff\xfe"), timeout=5)
+    admin.PutSecret(secrets_pb2.PutSecretRequest(name="k", value=b"sk-up"), timeout=5)
     stack.create_key()
     ports = {stack.auth_port, stack.secrets_port}
     baseline = client_sockets_to(ports)
-    app = create_app(_settings(stack, "bad"))
-    with pytest.raises(UnicodeDecodeError):
+    app = create_app(_settings(stack, "k"))
+    with pytest.raises(tiktoken_counter.TokenizerDataError):
         async with app.router.lifespan_context(app):
             pass
     await assert_released(baseline, ports)
+
+
+async def test_a_credential_that_is_not_utf8_is_unavailable_not_a_failed_start(stack: Stack) -> None:
+    admin = stack.admin_secrets()
+    admin.PutSecret(secrets_pb2.PutSecretRequest(name="bad", value=b"\xff\xfe"), timeout=5)
+    app = create_app(_settings(stack, "bad"))
+    async with app.router.lifespan_context(app):
+        services = app.state.services
+        health = await services.health_checks["secret_service"]()
+        assert health["credentials_missing"] == ["bad"]
 
 
 async def test_a_start_cancelled_while_secret_service_hangs_closes_everything(stack: Stack) -> None:
