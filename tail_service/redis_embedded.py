@@ -30,6 +30,10 @@ def terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
         proc.wait()
 
 
+#: the longest unix socket path Linux takes (``sun_path`` is 108 bytes, with the NUL)
+MAX_SOCKET_PATH = 107
+
+
 class EmbeddedRedisError(RuntimeError):
     """The bundled redis-server is missing or did not come up."""
 
@@ -61,6 +65,11 @@ class EmbeddedRedis:
         ``preexec`` runs in the child before exec (``up`` uses it to tie the server's
         life to its own).
         """
+        if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
+            raise EmbeddedRedisError(
+                f"the path of redis-server's unix socket, {self.socket}, is longer than the "
+                f"{MAX_SOCKET_PATH} bytes a unix socket path may have: use a shorter --state-dir"
+            )
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o700)
         old = self.proc

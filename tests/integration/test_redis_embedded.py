@@ -46,3 +46,10 @@ def test_a_dead_server_is_a_clear_error(tmp_path: Path) -> None:
     bad = EmbeddedRedis(tmp_path / ("d" * 120))  # a unix socket path longer than 107 bytes
     with pytest.raises(EmbeddedRedisError):
         bad.start(timeout=1.5)
+
+
+def test_a_socket_path_too_long_is_a_clear_error(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    with pytest.raises(EmbeddedRedisError, match="shorter --state-dir"):
+        EmbeddedRedis(deep).start()
+    assert not deep.exists()  # nothing created
