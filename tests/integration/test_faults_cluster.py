@@ -35,6 +35,7 @@ from tests.integration.test_redis_cluster import (
     start_node,
     wait_until_up,
 )
+from tests.procfs import own_connections
 
 NONE = Limits()
 
@@ -182,37 +183,17 @@ async def test_a_hung_node_does_not_stretch_the_callers_deadline(tmp_path: Path)
             await client.close()
 
 
-def _keepalive_timers(ports: set[int]) -> dict[int, str]:
-    """Timer field (``tr``) of this process's established TCP sockets to ``ports``, by inode:
-    ``02`` is the keepalive timer on an idle socket, ``00`` none."""
-    mine = set()
-    for fd in Path("/proc/self/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                mine.add(int(target[8:-1]))
-    out = {}
-    with open("/proc/self/net/tcp") as f:
-        next(f)
-        for line in f:
-            cols = line.split()
-            port, inode = int(cols[2].rsplit(":", 1)[1], 16), int(cols[9])
-            if cols[3] == "01" and port in ports and inode in mine:
-                out[inode] = cols[5].split(":")[0]
-    return out
-
-
 @pytest.mark.timeout(60)
 async def test_connections_to_the_nodes_have_tcp_keepalive(tmp_path: Path) -> None:
     with running_cluster(tmp_path) as ports:
-        before = _keepalive_timers(set(ports))
+        before = own_connections(set(ports))
         client = ClusterPipelinedRedis(f"redis://127.0.0.1:{ports[0]}")
         try:
             await client.refresh()
             for first, last in SLOT_RANGES:
                 key = hash_tag(_subject_on(first, last))
                 await client.execute_keyed(key, "GET", key, timeout=1)
-            ours = {i: tr for i, tr in _keepalive_timers(set(ports)).items() if i not in before}
+            ours = {i: tr for i, tr in own_connections(set(ports)).items() if i not in before}
             assert len(ours) == 3, ours
             assert set(ours.values()) == {"02"}, ours
         finally:

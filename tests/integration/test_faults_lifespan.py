@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,27 +25,13 @@ import pytest
 from tail_service import tiktoken_counter
 from tail_service.app import create_app
 from tail_service.proto import secrets_pb2
+from tests.procfs import own_connections
 from tests.stack_fixtures import Stack
 
 
 def client_sockets_to(ports: set[int]) -> set[int]:
     """Inodes of this process's established TCP sockets whose remote port is in ``ports``."""
-    mine = set()
-    for fd in Path("/proc/self/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                mine.add(int(target[8:-1]))
-    found = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            next(f)
-            for line in f:
-                cols = line.split()
-                remote_port, state, inode = int(cols[2].rsplit(":", 1)[1], 16), cols[3], int(cols[9])
-                if state == "01" and remote_port in ports and inode in mine:
-                    found.add(inode)
-    return found
+    return set(own_connections(ports))
 
 
 async def assert_released(baseline: set[int], ports: set[int]) -> None:
