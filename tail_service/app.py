@@ -48,6 +48,7 @@ from tail_service.metrics import Metrics, MetricsUsageSink
 from tail_service.providers.registry import Credentials, build_deployments, build_providers
 from tail_service.services import Services
 from tail_service.settings import Settings, check_http_settings, load_settings, resolve_credentials
+from tail_service.store import Store
 from tail_service.tiktoken_counter import TiktokenCounter
 
 log = logging.getLogger("tail_service.app")
@@ -129,6 +130,9 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         )
         closers.task("the tokenizer warm-up", warm)
         metrics = Metrics()
+        store = Store(settings.store, settings.state_dir)
+        closers.add("the store", lambda: asyncio.to_thread(store.close))
+        await asyncio.to_thread(store.migrate)
         auth, secrets = _security_clients(settings, closers)
         proxy = ModelProxy(
             router,
@@ -166,6 +170,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             providers=providers,
             metrics=metrics,
             auth=auth,
+            store=store,
         )
 
         async def providers_health() -> dict[str, Any]:

@@ -14,6 +14,7 @@ from tail_service.core.provider import Provider
 from tail_service.core.routing import ModelRouter
 from tail_service.metrics import Metrics
 from tail_service.settings import Settings
+from tail_service.store import Store
 
 
 @dataclass(slots=True)
@@ -31,6 +32,8 @@ class Services:
     metrics: Metrics
     #: verifies API keys (auth-service behind a verdict cache, or disabled)
     auth: Authenticator
+    #: files, batches and their results (SQLite or PostgreSQL), queried off the event loop
+    store: Store
     #: unix time the app started; the ``created`` of every listed model
     started_at: int = field(default_factory=lambda: int(time.time()))
     #: named async checks for ``/health``: each returns a status dict

@@ -227,6 +227,52 @@ class CacheSettings(_Frozen):
     default: Literal["use", "skip", "refresh"] = "skip"
 
 
+class StoreSettings(_Frozen):
+    """Where files, batches and their results live: shared by every replica and worker."""
+
+    #: SQLAlchemy URL: ``sqlite:///store.db`` (relative to the state directory) or
+    #: ``postgresql://...`` (replicas and workers on several machines share it)
+    database_url: str = "sqlite:///store.db"
+    #: bytes of file content per stored chunk row
+    chunk_bytes: int = Field(default=1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    #: largest file ``POST /v1/files`` accepts (OpenAI: 512 MB)
+    max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    #: threads that run store queries for one process (off the event loop)
+    threads: int = Field(default=4, ge=1, le=64)
+
+
+class BatchSettings(_Frozen):
+    """The batch engine (``/v1/batches``, ``/v1/batch``) and its workers."""
+
+    #: most request lines in one batch input file (OpenAI: 50,000)
+    max_lines: int = Field(default=50_000, ge=1)
+    #: largest batch input file (OpenAI: 200 MB)
+    max_input_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    #: lines per chunk workflow
+    chunk_lines: int = Field(default=200, ge=1, le=10_000)
+    #: chunk workflows one worker runs at once
+    worker_concurrency: int = Field(default=8, ge=1, le=256)
+    #: lines of one chunk in flight at once
+    line_concurrency: int = Field(default=200, ge=1, le=10_000)
+    #: seconds a batch may run before it expires with partial results (``24h``)
+    completion_window_seconds: int = Field(default=86_400, ge=1)
+    #: requests ``POST /v1/batch`` accepts in one call
+    sync_max_requests: int = Field(default=1000, ge=1, le=100_000)
+    #: lines of one ``POST /v1/batch`` call in flight at once
+    sync_concurrency: int = Field(default=64, ge=1, le=10_000)
+    #: this worker's durable identity: a worker that restarts with the same id resumes
+    #: its own unfinished work at once (default: the host name)
+    executor_id: str | None = Field(default=None, min_length=1, max_length=128)
+    #: seconds between a worker's heartbeats in the store
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    #: seconds without a heartbeat after which another worker takes over a worker's work
+    dead_after: float = Field(default=30.0, gt=0)
+    #: seconds a line waits before trying again when the rate limits have no spare capacity
+    max_backoff: float = Field(default=5.0, gt=0)
+    #: run a worker inside ``tail-service up`` (a supervised child process)
+    embedded_worker: bool = True
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment, frozen after load."""
 
@@ -241,6 +287,8 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
     cache: CacheSettings = CacheSettings()
+    store: StoreSettings = StoreSettings()
+    batch: BatchSettings = BatchSettings()
     auth_service: AuthServiceSettings = AuthServiceSettings()
     secret_service: SecretServiceSettings = SecretServiceSettings()
     models: tuple[ModelEntry, ...] = ()

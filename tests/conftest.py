@@ -134,8 +134,17 @@ def upstream_b() -> Iterator[FakeOpenAI]:
         yield up
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Apps built without a state directory keep their store in a temporary one, never the checkout."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TAIL_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
-def make_app(upstream_key: str) -> Iterator[Callable[..., RunningApp]]:
+def make_app(upstream_key: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningApp]]:
     """``make_app(models=[...], **settings)`` starts a gateway; all are stopped at teardown."""
     stack: list[Any] = []
 
@@ -144,6 +153,7 @@ def make_app(upstream_key: str) -> Iterator[Callable[..., RunningApp]]:
         kw["server"] = {"request_timeout": 20, "sse_keepalive": 0, **kw["server"]}
         kw.setdefault("auth", {"mode": "disabled"})
         kw.setdefault("ratelimit", {"enabled": False})
+        kw.setdefault("state_dir", tmp_path_factory.mktemp("gateway"))
         settings = load_settings(None, models=models, **kw)
         cm = serve_app(settings)
         app = cm.__enter__()

@@ -1,0 +1,125 @@
+"""The store's tables: files (content in chunks), batches, their input lines and results,
+and the batch workers' heartbeats. One schema for SQLite and PostgreSQL (SQLAlchemy Core).
+
+Times are unix seconds. A file's bytes are rows of ``file_chunks`` so every worker on
+every machine reads them from the one store. ``batch_results`` has one row per
+``(batch_id, line_no)``: a chunk that runs again after a crash inserts nothing twice.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from tail_service.db import Migration
+
+SERVICE = "store"
+
+metadata = sa.MetaData()
+
+_ID = 64
+_BigInt = sa.BigInteger().with_variant(sa.Integer, "sqlite")
+
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", sa.String(_ID), primary_key=True),
+    sa.Column("tenant", sa.String(256), nullable=False),
+    sa.Column("filename", sa.String(512), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    #: ``uploading`` until the last chunk is stored (never listed), then ``processed``
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=True),
+    sa.Index("ix_files_tenant_created", "tenant", "created_at", "id"),
+    sa.Index("ix_files_expires", "expires_at"),
+)
+
+file_chunks = sa.Table(
+    "file_chunks",
+    metadata,
+    sa.Column("file_id", sa.String(_ID), sa.ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", sa.String(_ID), primary_key=True),
+    sa.Column("tenant", sa.String(256), nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    #: the creating key's policy and limits (JSON), charged for every line
+    sa.Column("principal", sa.Text, nullable=False),
+    sa.Column("endpoint", sa.String(64), nullable=False),
+    sa.Column("input_file_id", sa.String(_ID), nullable=False),
+    sa.Column("completion_window", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("model", sa.String(256), nullable=True),
+    sa.Column("metadata", sa.Text, nullable=True),
+    sa.Column("errors", sa.Text, nullable=True),
+    sa.Column("output_file_id", sa.String(_ID), nullable=True),
+    sa.Column("error_file_id", sa.String(_ID), nullable=True),
+    sa.Column("output_expires_after", sa.BigInteger, nullable=True),
+    sa.Column("total", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("completed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("usage", sa.Text, nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("in_progress_at", sa.BigInteger, nullable=True),
+    sa.Column("expires_at", sa.BigInteger, nullable=True),
+    sa.Column("finalizing_at", sa.BigInteger, nullable=True),
+    sa.Column("completed_at", sa.BigInteger, nullable=True),
+    sa.Column("failed_at", sa.BigInteger, nullable=True),
+    sa.Column("expired_at", sa.BigInteger, nullable=True),
+    sa.Column("cancelling_at", sa.BigInteger, nullable=True),
+    sa.Column("cancelled_at", sa.BigInteger, nullable=True),
+    sa.Column("idempotency_key", sa.String(256), nullable=True),
+    sa.Column("request_hash", sa.String(64), nullable=True),
+    sa.Index("ix_batches_tenant_created", "tenant", "created_at", "id"),
+    sa.Index("ix_batches_idempotency", "tenant", "idempotency_key", unique=True),
+    sa.Index("ix_batches_status", "status"),
+)
+
+batch_lines = sa.Table(
+    "batch_lines",
+    metadata,
+    sa.Column("batch_id", sa.String(_ID), primary_key=True),
+    sa.Column("line_no", sa.Integer, primary_key=True),
+    sa.Column("custom_id", sa.String(512), nullable=False),
+    #: the line's request ``body``, as JSON bytes
+    sa.Column("body", sa.LargeBinary, nullable=False),
+)
+
+batch_results = sa.Table(
+    "batch_results",
+    metadata,
+    sa.Column("batch_id", sa.String(_ID), primary_key=True),
+    sa.Column("line_no", sa.Integer, primary_key=True),
+    #: true for the output file, false for the error file
+    sa.Column("ok", sa.Boolean, nullable=False),
+    #: the output line (JSON bytes, no newline)
+    sa.Column("record", sa.LargeBinary, nullable=False),
+    sa.Column("prompt_tokens", _BigInt, nullable=False, server_default="0"),
+    sa.Column("completion_tokens", _BigInt, nullable=False, server_default="0"),
+    sa.Column("cached_tokens", _BigInt, nullable=False, server_default="0"),
+    sa.Column("reasoning_tokens", _BigInt, nullable=False, server_default="0"),
+)
+
+workers = sa.Table(
+    "batch_workers",
+    metadata,
+    sa.Column("executor_id", sa.String(128), primary_key=True),
+    sa.Column("host", sa.String(256), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.BigInteger, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+MIGRATIONS: list[Migration] = [_v1]
