@@ -144,7 +144,9 @@ def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
 
 
 @pytest.fixture
-def make_app(upstream_key: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RunningApp]]:
+def make_app(
+    upstream_key: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RunningApp]]:
     """``make_app(models=[...], **settings)`` starts a gateway; all are stopped at teardown."""
     stack: list[Any] = []
 
