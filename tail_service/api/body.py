@@ -1,4 +1,5 @@
-"""Reading and parsing a JSON request body: size-limited, time-limited, parsed once with orjson.
+"""Reading and parsing a JSON request body: size-limited, time-limited, parsed once with orjson;
+and streaming an upload's body chunk by chunk (:func:`iter_body`) under the same time limits.
 
 A body must keep coming: no chunk for ``server.body_idle_timeout`` seconds, or (once it
 has been read for that long) an average under ``server.body_min_rate`` bytes per
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -106,19 +108,59 @@ async def _read(request: Request, limit: int, idle: float, min_rate: int) -> byt
             stall.size = size
     except asyncio.CancelledError:
         if stall.fired and stall.task.uncancel() == 0:
-            log.info("request body stalled after %d bytes", size)
-            raise RequestTimeoutError(
-                f"The request body stalled (no data for {idle:g} s, or too slow); the connection is closed.",
-                headers={"connection": "close"},
-            ) from None
+            raise _stalled(size, idle) from None
         raise
     except ClientDisconnect:
-        raise ClientDisconnected(
-            f"The client closed the connection after sending {size} bytes of the request body."
-        ) from None
+        raise _disconnected(size) from None
     finally:
         stall.cancel()
     return raw
+
+
+async def iter_body(request: Request, server: ServerSettings) -> AsyncGenerator[bytes, None]:
+    """The request body chunk by chunk as it arrives, under the stall limits of :func:`read_json`
+    (408 when it stalls, 499 when the client leaves); no size limit: the caller counts.
+
+    Time the caller spends between two chunks (writing the last one to the store) is not
+    the client's: the stall timer is paused while the caller holds a chunk. Close the
+    generator (``contextlib.aclosing``) so the timer stops with it.
+    """
+    idle = server.body_idle_timeout
+    stall = _StallTimer(idle, server.body_min_rate)
+    clock = stall.loop.time
+    size = 0
+    try:
+        async for chunk in request.stream():
+            if not chunk:
+                continue
+            size += len(chunk)
+            stall.last = clock()
+            stall.size = size
+            stall.pause()
+            yield chunk
+            stall.resume()
+    except asyncio.CancelledError:
+        if stall.fired and stall.task.uncancel() == 0:
+            raise _stalled(size, idle) from None
+        raise
+    except ClientDisconnect:
+        raise _disconnected(size) from None
+    finally:
+        stall.cancel()
+
+
+def _stalled(size: int, idle: float) -> RequestTimeoutError:
+    log.info("request body stalled after %d bytes", size)
+    return RequestTimeoutError(
+        f"The request body stalled (no data for {idle:g} s, or too slow); the connection is closed.",
+        headers={"connection": "close"},
+    )
+
+
+def _disconnected(size: int) -> ClientDisconnected:
+    return ClientDisconnected(
+        f"The client closed the connection after sending {size} bytes of the request body."
+    )
 
 
 class _StallTimer:
@@ -128,10 +170,23 @@ class _StallTimer:
 
     One timer per body, re-armed only when it fires and finds that chunks came in the
     meantime: a chunk costs two attribute writes, not a timer. The task is always
-    waiting for a chunk when the timer fires, so the cancellation lands in ``_read``.
+    waiting for a chunk when the timer fires, so the cancellation lands in ``_read``
+    (or :func:`iter_body`). While paused (the caller busy with a chunk), a firing timer
+    only re-arms, and :meth:`resume` takes the pause off both clocks.
     """
 
-    __slots__ = ("_handle", "_idle", "_min_rate", "_start", "fired", "last", "loop", "size", "task")
+    __slots__ = (
+        "_handle",
+        "_idle",
+        "_min_rate",
+        "_paused_at",
+        "_start",
+        "fired",
+        "last",
+        "loop",
+        "size",
+        "task",
+    )
 
     def __init__(self, idle: float, min_rate: int) -> None:
         self.loop = asyncio.get_running_loop()
@@ -143,9 +198,23 @@ class _StallTimer:
         self._start = self.last = self.loop.time()
         self.size = 0
         self.fired = False
+        self._paused_at: float | None = None
         self._handle = self.loop.call_at(self._start + idle, self._check)
 
+    def pause(self) -> None:
+        self._paused_at = self.loop.time()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            now = self.loop.time()
+            self._start += now - self._paused_at
+            self.last = now
+            self._paused_at = None
+
     def _check(self) -> None:
+        if self._paused_at is not None:
+            self._handle = self.loop.call_at(self.loop.time() + self._idle, self._check)
+            return
         deadline = self.last + self._idle
         if self._min_rate:
             deadline = min(deadline, self._start + self._idle + self.size / self._min_rate)
