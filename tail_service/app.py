@@ -278,9 +278,36 @@ async def _metrics(request: Request) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _router_routes() -> list[Route]:
+    """One Starlette route per path of :data:`ROUTES`, so a 405's ``Allow`` names every
+    method the path has (a path with several methods dispatches on the method)."""
+    by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+    for method, path, handler, _, _ in ROUTES:
+        by_path.setdefault(path, {})[method] = handler
+    routes = []
+    for path, handlers in by_path.items():
+        if len(handlers) == 1:
+            [(method, handler)] = handlers.items()
+            routes.append(Route(path, handler, methods=[method]))
+        else:
+            routes.append(Route(path, _by_method(handlers), methods=list(handlers)))
+    return routes
+
+
+def _by_method(
+    handlers: dict[str, Callable[[Request], Awaitable[Response]]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def dispatch(request: Request) -> Response:
+        # the router answers methods not listed; HEAD comes with GET
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return dispatch
+
+
 def create_app(settings: Settings) -> Starlette:
     """A new app for ``settings``; resources are built when its lifespan starts."""
-    routes = [Route(path, handler, methods=[method]) for method, path, handler, _, _ in ROUTES]
+    routes = _router_routes()
     # The inference endpoints (bodies with a schema) are dispatched before the router.
     hot = {(method, path): handler for method, path, handler, schema, _ in ROUTES if schema is not None}
     routes += [

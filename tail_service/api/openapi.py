@@ -23,8 +23,13 @@ from pydantic_core import core_schema
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 
+from tail_service.api import files
 from tail_service.api.deps import json_response
 from tail_service.api.routes import ROUTES
+
+#: more of an operation than the route table says (non-JSON bodies, query parameters,
+#: response schemas), by ``(method, path)``
+_EXTRA: dict[tuple[str, str], dict[str, Any]] = {**files.OPENAPI}
 
 _ERROR_SCHEMA = {
     "type": "object",
@@ -180,6 +185,13 @@ def build_openapi(title: str, version: str, description: str) -> dict[str, Any]:
         if "{" in api_path:
             name = api_path.split("{", 1)[1].split("}", 1)[0]
             op["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}]
+        extra = _EXTRA.get((method, path), {})
+        op["parameters"] = op.get("parameters", []) + extra.get("parameters", [])
+        if not op["parameters"]:
+            del op["parameters"]
+        op["responses"].update(extra.get("responses", {}))
+        if "requestBody" in extra:
+            op["requestBody"] = extra["requestBody"]
         paths.setdefault(api_path, {})[method.lower()] = op
     return {
         "openapi": "3.0.3",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tail_service.api import health, inference, models
+from tail_service.api import files, health, inference, models
 from tail_service.schemas.chat import ChatCompletionRequest
 from tail_service.schemas.completions import CompletionRequest
 from tail_service.schemas.embeddings import EmbeddingRequest
@@ -17,6 +17,11 @@ ROUTES: list[tuple[str, str, Callable[..., Any], type | None, str]] = [
     ("POST", "/v1/embeddings", inference.embeddings, EmbeddingRequest, "Embeddings"),
     ("GET", "/v1/models", models.list_models, None, "List models"),
     ("GET", "/v1/models/{model:path}", models.retrieve_model, None, "Retrieve a model"),
+    ("POST", "/v1/files", files.create_file, None, "Upload a file"),
+    ("GET", "/v1/files", files.list_files, None, "List files"),
+    ("GET", "/v1/files/{file_id}", files.retrieve_file, None, "Retrieve a file"),
+    ("DELETE", "/v1/files/{file_id}", files.delete_file, None, "Delete a file"),
+    ("GET", "/v1/files/{file_id}/content", files.file_content, None, "Download a file's content"),
     ("GET", "/health", health.health, None, "Dependencies and their state"),
     ("GET", "/livez", health.livez, None, "Liveness probe"),
     ("GET", "/readyz", health.readyz, None, "Readiness probe"),
