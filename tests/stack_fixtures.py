@@ -68,9 +68,9 @@ class Stack:
         ch = grpc.secure_channel(f"127.0.0.1:{self.secrets_port}", channel_credentials(self.tls_for("admin")))
         return secrets_pb2_grpc.SecretServiceStub(ch)
 
-    def create_key(self, **kw: Any) -> str:
+    def create_key(self, tenant: str = "acme", **kw: Any) -> str:
         resp = self.admin_auth().CreateKey(
-            auth_pb2.CreateKeyRequest(name="t", tenant="acme", **kw), timeout=5
+            auth_pb2.CreateKeyRequest(name="t", tenant=tenant, **kw), timeout=5
         )
         key: str = resp.api_key
         return key

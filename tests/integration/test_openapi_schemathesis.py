@@ -38,17 +38,34 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(
     assert proc.returncode == 0, proc.stdout[-12000:] + proc.stderr[-3000:]
 
 
+#: Every check, for every operation, with one exception. The document cannot say that an
+#: upload with ``purpose=batch`` must be named ``*.jsonl``, and schemathesis names its file
+#: parts itself (``file.png``): such a schema-valid upload is rightly a 400, so "valid data
+#: is accepted" is off for that one operation. (Set here, not with ``--checks all``: the
+#: command line would override the operation's setting.)
+CONFIG = """
+[checks]
+enabled = true
+
+[[operations]]
+include-operation-id = "create_file"
+checks.positive_data_acceptance.enabled = false
+"""
+
+
 def _schemathesis(base_url: str, key: str, seed: int, cwd: Path) -> subprocess.CompletedProcess[str]:
+    config = cwd / "schemathesis.toml"
+    config.write_text(CONFIG)
     return subprocess.run(
         [
             sys.executable,
             str(Path(__file__).with_name("schemathesis_cli.py")),
+            "--config-file",
+            str(config),
             "run",
             f"{base_url}/openapi.json",
             "--header",
             f"Authorization: Bearer {key}",
-            "--checks",
-            "all",
             "--max-examples",
             "50",
             "--phases",
