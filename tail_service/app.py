@@ -13,12 +13,14 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import redis.exceptions
+import sqlalchemy.exc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -42,13 +44,23 @@ from tail_service.clients.response_cache import RedisResponseCache
 from tail_service.clients.secrets import SecretsClient
 from tail_service.core.admission import Admitter
 from tail_service.core.inference import InferenceService
+from tail_service.core.provider import Provider
 from tail_service.core.proxy import ModelProxy
 from tail_service.core.routing import ModelRouter
+from tail_service.core.types import Deployment
 from tail_service.metrics import Metrics, MetricsUsageSink
 from tail_service.providers.registry import Credentials, build_deployments, build_providers
+from tail_service.schemas.common import RequestSchema
 from tail_service.services import Services
-from tail_service.settings import Settings, check_http_settings, load_settings, resolve_credentials
+from tail_service.settings import (
+    ConfigError,
+    Settings,
+    check_http_settings,
+    load_settings,
+    resolve_credentials,
+)
 from tail_service.store import Store
+from tail_service.store.batches import BatchStore
 from tail_service.tiktoken_counter import TiktokenCounter
 
 log = logging.getLogger("tail_service.app")
@@ -104,84 +116,114 @@ class _Closers:
         self.add(name, cancel)
 
 
+@dataclass(slots=True)
+class Core:
+    """What the HTTP app and the batch worker share: the model proxy behind admission."""
+
+    inference: InferenceService
+    router: ModelRouter
+    providers: Mapping[str, Provider]
+    deployments: Sequence[Deployment]
+    metrics: Metrics
+    store: Store
+    secrets: SecretsClient | None
+    redis_client: SharedRedis | None
+    limiter: GuardedLimiter | None
+    #: awaited before the process reports ready (the tokenizer tables)
+    warm: asyncio.Task[Any]
+
+
+async def build_core(settings: Settings, closers: _Closers, *, response_cache: bool = True) -> Core:
+    """Build the model proxy, admission, store and their clients, each registered with
+    ``closers`` the moment it exists."""
+    session = _http_session(settings)
+    closers.add("the upstream HTTP session", session.close)
+    deployments = build_deployments(settings.model_entries())
+    router = ModelRouter(deployments, monotonic=time.monotonic)
+    providers = build_providers(deployments, session, settings.local)
+    for name, provider in providers.items():
+        closers.add(f"provider {name}", provider.aclose)
+    counter = TiktokenCounter()
+    # Load the BPE tables the configured upstream models use (each costs ~0.4 s and
+    # ~45 MB) off the event loop, in the background, so start-up is not held up. The
+    # local models count their own tokens exactly and need none.
+    encodings = {counter.encoding_name_for(d.upstream_model) for d in deployments if d.provider != "local"}
+    # Awaited before the service reports ready: a request that needs a count while a
+    # table is being built would wait on the tokenizer's lock, holding up the event loop.
+    warm = asyncio.create_task(asyncio.to_thread(lambda: [counter.encoding(n) for n in sorted(encodings)]))
+    closers.task("the tokenizer warm-up", warm)
+    metrics = Metrics()
+    store = Store(settings.store, settings.state_dir)
+    closers.add("the store", lambda: asyncio.to_thread(store.close))
+    await asyncio.to_thread(store.migrate)
+    secrets = _secrets_client(settings, closers)
+    proxy = ModelProxy(
+        router,
+        providers,
+        Credentials(settings.credentials, secrets),
+        request_timeout=settings.server.request_timeout,
+        monotonic=time.monotonic,
+    )
+    redis_client, limiter = _limiter(settings)
+    if redis_client is not None:
+        closers.add("the redis client", redis_client.close)
+    if limiter is not None:
+        closers.add("the rate limiter", limiter.close)
+    admitter = (
+        Admitter(limiter, router, counter, default_max_tokens=settings.ratelimit.default_max_tokens)
+        if limiter is not None
+        else None
+    )
+    if admitter is not None:
+        # closed first: settlements on their way still need the limiter and Redis
+        closers.add("the admitter", admitter.drain)
+    inference = InferenceService(
+        proxy,
+        counter,
+        MetricsUsageSink(metrics),
+        admitter,
+        cache=RedisResponseCache(redis_client, timeout=settings.redis.timeout)
+        if redis_client is not None and response_cache
+        else None,
+        cache_ttl=settings.cache.ttl,
+    )
+    if secrets is not None:
+        await secrets.start()
+    return Core(
+        inference, router, providers, deployments, metrics, store, secrets, redis_client, limiter, warm
+    )
+
+
 @asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with AsyncExitStack() as stack:
         closers = _Closers(stack)
-        session = _http_session(settings)
-        closers.add("the upstream HTTP session", session.close)
-        deployments = build_deployments(settings.model_entries())
-        router = ModelRouter(deployments, monotonic=time.monotonic)
-        providers = build_providers(deployments, session, settings.local)
-        for name, provider in providers.items():
-            closers.add(f"provider {name}", provider.aclose)
-        counter = TiktokenCounter()
-        # Load the BPE tables the configured upstream models use (each costs ~0.4 s and
-        # ~45 MB) off the event loop, in the background, so start-up is not held up. The
-        # local models count their own tokens exactly and need none.
-        encodings = {
-            counter.encoding_name_for(d.upstream_model) for d in deployments if d.provider != "local"
-        }
-        # Awaited before the service reports ready: a request that needs a count while a
-        # table is being built would wait on the tokenizer's lock, holding up the event loop.
-        warm = asyncio.create_task(
-            asyncio.to_thread(lambda: [counter.encoding(n) for n in sorted(encodings)])
-        )
-        closers.task("the tokenizer warm-up", warm)
-        metrics = Metrics()
-        store = Store(settings.store, settings.state_dir)
-        closers.add("the store", lambda: asyncio.to_thread(store.close))
-        await asyncio.to_thread(store.migrate)
-        auth, secrets = _security_clients(settings, closers)
-        proxy = ModelProxy(
-            router,
-            providers,
-            Credentials(settings.credentials, secrets),
-            request_timeout=settings.server.request_timeout,
-            monotonic=time.monotonic,
-        )
-        redis_client, limiter = _limiter(settings)
-        if redis_client is not None:
-            closers.add("the redis client", redis_client.close)
-        if limiter is not None:
-            closers.add("the rate limiter", limiter.close)
-        admitter = (
-            Admitter(limiter, router, counter, default_max_tokens=settings.ratelimit.default_max_tokens)
-            if limiter is not None
-            else None
-        )
-        if admitter is not None:
-            # closed first: settlements on their way still need the limiter and Redis
-            closers.add("the admitter", admitter.drain)
+        check_http_settings(settings)
+        auth = _auth_client(settings, closers)
+        if isinstance(auth, AuthClient):
+            auth.start()  # its revocation watch connects while the rest is built
+        core = await build_core(settings, closers)
+        router, providers, deployments = core.router, core.providers, core.deployments
+        redis_client, limiter, secrets = core.redis_client, core.limiter, core.secrets
         services = Services(
             settings=settings,
-            inference=InferenceService(
-                proxy,
-                counter,
-                MetricsUsageSink(metrics),
-                admitter,
-                cache=RedisResponseCache(redis_client, timeout=settings.redis.timeout)
-                if redis_client is not None
-                else None,
-                cache_ttl=settings.cache.ttl,
-            ),
+            inference=core.inference,
             router=router,
             providers=providers,
-            metrics=metrics,
+            metrics=core.metrics,
             auth=auth,
-            store=store,
+            store=core.store,
         )
 
         async def providers_health() -> dict[str, Any]:
             return {"status": "ok", "adapters": sorted(providers)}
 
         services.health_checks["providers"] = providers_health
+        services.health_checks["store"] = _store_health(core.store, settings.batch.dead_after)
         if isinstance(auth, AuthClient):
-            auth.start()
             services.health_checks["auth_service"] = auth.health
         if secrets is not None:
-            await secrets.start()
             services.health_checks["secret_service"] = secrets.health
         if redis_client is not None:
             services.health_checks["redis"] = _redis_health(redis_client, limiter)
@@ -193,7 +235,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             for dep in deployments:
                 if dep.provider == "local":
                     await local.warm(dep.upstream_model)
-        await warm
+        await core.warm
         if limiter is not None:
             await limiter.prepare()
         # Everything built so far lives as long as the process: move it out of the garbage
@@ -236,6 +278,24 @@ def _limiter(settings: Settings) -> tuple[SharedRedis | None, GuardedLimiter | N
     return client, GuardedLimiter(inner, settings.redis)
 
 
+def _store_health(store: Store, dead_after: float) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """The store answers; how many batch workers are alive (with none, batches wait: a
+    warning, not a failure of this replica)."""
+    batches = BatchStore(store)
+
+    async def check() -> dict[str, Any]:
+        try:
+            live = await store.run(batches.live_workers, time.time(), dead_after)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            return {"status": "unavailable", "detail": type(exc).__name__}
+        state: dict[str, Any] = {"status": "ok", "batch_workers": live}
+        if not live:
+            state["warning"] = "no batch worker is running: batches wait for one"
+        return state
+
+    return check
+
+
 def _redis_health(
     client: SharedRedis, limiter: GuardedLimiter | None
 ) -> Callable[[], Awaitable[dict[str, Any]]]:
@@ -250,27 +310,30 @@ def _redis_health(
     return check
 
 
-def _security_clients(
-    settings: Settings, closers: _Closers
-) -> tuple[AuthClient | NoAuth, SecretsClient | None]:
-    """The auth-service and secret-service clients this config calls for (mTLS channels),
-    each registered with ``closers`` as soon as it exists."""
-    check_http_settings(settings)
-    auth: AuthClient | NoAuth = NoAuth()
-    if settings.auth.mode == "grpc":
-        assert settings.auth.address is not None
-        auth_client = AuthClient(ReloadingChannel(settings.auth.address, settings.auth.tls), settings.auth)
-        closers.add("the auth-service client", auth_client.close)
-        auth = auth_client
+def _auth_client(settings: Settings, closers: _Closers) -> AuthClient | NoAuth:
+    """The auth-service client (an mTLS channel) when keys are verified, registered with ``closers``."""
+    if settings.auth.mode != "grpc":
+        return NoAuth()
+    assert settings.auth.address is not None
+    auth_client = AuthClient(ReloadingChannel(settings.auth.address, settings.auth.tls), settings.auth)
+    closers.add("the auth-service client", auth_client.close)
+    return auth_client
+
+
+def _secrets_client(settings: Settings, closers: _Closers) -> SecretsClient | None:
+    """The secret-service client (an mTLS channel) when a model names a secret."""
     secret_names = {m.api_key_secret for m in settings.models if m.api_key_secret}
-    secrets = None
-    if secret_names:
-        assert settings.secrets.address is not None
-        secrets = SecretsClient(
-            ReloadingChannel(settings.secrets.address, settings.secrets.tls), settings.secrets, secret_names
+    if not secret_names:
+        return None
+    if not settings.secrets.address or settings.secrets.tls is None:
+        raise ConfigError(
+            "invalid configuration:\n  secrets.address and secrets.tls are required by api_key_secret"
         )
-        closers.add("the secret-service client", secrets.close)
-    return auth, secrets
+    secrets = SecretsClient(
+        ReloadingChannel(settings.secrets.address, settings.secrets.tls), settings.secrets, secret_names
+    )
+    closers.add("the secret-service client", secrets.close)
+    return secrets
 
 
 async def _metrics(request: Request) -> Response:
@@ -309,7 +372,11 @@ def create_app(settings: Settings) -> Starlette:
     """A new app for ``settings``; resources are built when its lifespan starts."""
     routes = _router_routes()
     # The inference endpoints (bodies with a schema) are dispatched before the router.
-    hot = {(method, path): handler for method, path, handler, schema, _ in ROUTES if schema is not None}
+    hot = {
+        (method, path): handler
+        for method, path, handler, schema, _ in ROUTES
+        if schema is not None and issubclass(schema, RequestSchema)
+    }
     routes += [
         Route("/metrics", _metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
@@ -330,6 +397,9 @@ def create_app(settings: Settings) -> Starlette:
     app.state.openapi = build_openapi(
         "Tail Service", __version__, "OpenAI-compatible API over a model proxy."
     )
+    # the document states the configured bound, which the handler enforces
+    sync = app.state.openapi["components"]["schemas"]["SyncBatchRequest"]["properties"]["requests"]
+    sync["maxItems"] = settings.batch.sync_max_requests
     return app
 
 

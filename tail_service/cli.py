@@ -18,12 +18,14 @@ from typing import Annotated, Any
 import typer
 
 from tail_service.cli_admin import register as register_admin
+from tail_service.cli_batch import batch_cli
 from tail_service.settings import (
     ConfigError,
     Settings,
     check_http_settings,
     default_state_dir,
     load_settings,
+    resolve_credentials,
 )
 
 cli = typer.Typer(
@@ -219,7 +221,7 @@ def up(
     child processes with mutual TLS, and the HTTP service (local models when none are configured)."""
     from tail_service.logging import configure_logging
     from tail_service.redis_embedded import EmbeddedRedisError
-    from tail_service.stack import prepare_state, start_children, start_redis
+    from tail_service.stack import prepare_state, start_children, start_redis, start_worker
 
     state = (state_dir or default_state_dir()).resolve()
     layout = prepare_state(state)
@@ -239,9 +241,17 @@ def up(
         redis_server.stop()
         typer.echo(f"tail-service: {exc}", err=True)
         raise typer.Exit(1) from None
+    worker = None
     try:
+        if settings.batch.embedded_worker:
+            worker = start_worker(_worker_settings_json(settings), log_level=settings.log_level)
         _run(settings, banner=True)
+    except RuntimeError as exc:
+        typer.echo(f"tail-service: {exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
+        if worker is not None:
+            worker.stop()
         supervisor.stop()
         redis_server.stop()
 
@@ -259,6 +269,41 @@ def serve(
     _run(settings, banner=False)
 
 
+def _worker_settings_json(settings: Settings) -> str:
+    """The settings a child worker gets: the HTTP service's own (credentials come by name,
+    through the environment, as :func:`_export_settings` passes them)."""
+    for name, value in settings.credentials.items():
+        os.environ.setdefault(name, value.get_secret_value())
+    return settings.model_dump_json()
+
+
+@cli.command()
+def worker(
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+    executor_id: Annotated[
+        str | None,
+        typer.Option(help="this worker's durable identity (restart with the same one) [default: host name]"),
+    ] = None,
+) -> None:
+    """Run a batch worker: it runs the batches stored in the store (``store.database_url``).
+    Start any number, on any machines that reach the store, Redis and the model upstreams."""
+    from tail_service.batch.worker import main as worker_main
+    from tail_service.logging import configure_logging
+
+    raw = os.environ.get("TAIL_SETTINGS_JSON")
+    overrides: dict[str, Any] = {}
+    if raw:
+        settings = resolve_credentials(Settings.model_validate_json(raw))
+    else:
+        settings = _load(config, None, None, state_dir, http=False)
+    if executor_id is not None:
+        overrides["batch"] = settings.batch.model_copy(update={"executor_id": executor_id})
+        settings = settings.model_copy(update=overrides)
+    configure_logging(settings.log_level, json=settings.log_json)
+    worker_main(settings)
+
+
 @cli.command("check-config")
 def check_config(config: ConfigOpt = None) -> None:
     """Validate the configuration and print the models it defines."""
@@ -268,6 +313,7 @@ def check_config(config: ConfigOpt = None) -> None:
 
 
 register_admin(cli)
+cli.add_typer(batch_cli, name="batch")
 
 
 def main() -> None:

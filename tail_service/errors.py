@@ -148,6 +148,13 @@ class ModelNotFoundError(NotFoundError):
         )
 
 
+class ConflictError(TailError):
+    """409: the request conflicts with the object's state (or an earlier request)."""
+
+    status = 409
+    type = "invalid_request_error"
+
+
 class MethodNotAllowedError(TailError):
     status = 405
     type = "invalid_request_error"

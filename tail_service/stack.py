@@ -243,10 +243,14 @@ class Child:
 
     first_backoff = 0.5
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], *, ready_marker: str = " listening on "
+    ) -> None:
         self.name = name
         self._args = args
         self._env = env
+        #: the log text that says the child is ready
+        self._marker = ready_marker
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.ready = threading.Event()
@@ -266,7 +270,7 @@ class Child:
         assert proc.stderr is not None
         for raw in proc.stderr:
             line = raw.decode("utf-8", "replace")
-            if " listening on " in line:
+            if self._marker in line:
                 self.ready.set()
             sys.stderr.write(f"[{self.name}] {line}")
             sys.stderr.flush()
@@ -384,5 +388,17 @@ def start_children(layout: StackLayout, *, log_level: str) -> Supervisor:
             Child("secret-service", [*base, "secret-service", *common], env),
         ]
     )
+    supervisor.start()
+    return supervisor
+
+
+def start_worker(settings_json: str, *, log_level: str) -> Supervisor:
+    """Start the embedded batch worker (``tail-service worker``) with the HTTP service's
+    settings, supervised, and wait until it is ready."""
+    env = {**os.environ, "TAIL_LOG_LEVEL": log_level, "TAIL_SETTINGS_JSON": settings_json}
+    env.pop("TAIL_CONFIG", None)
+    args = [sys.executable, "-m", "tail_service", "worker"]
+    child = Child("batch-worker", args, env, ready_marker="batch worker ready")
+    supervisor = Supervisor([child])
     supervisor.start()
     return supervisor

@@ -30,22 +30,25 @@ class Running:
 
 
 @contextmanager
-def run_tail(args: list[str], env: dict[str, str]) -> Iterator[Running]:
-    """Start ``tail-service ARGS``, wait for its ``listening on`` line, and stop it (SIGTERM,
-    then SIGKILL after 30 s) on exit. Its stderr keeps being collected into ``log``."""
+def run_tail(
+    args: list[str], env: dict[str, str], *, ready: str = r"listening on (http://\S+)"
+) -> Iterator[Running]:
+    """Start ``tail-service ARGS``, wait for a line matching ``ready`` (its group 1, if any, is
+    the URL), and stop it (SIGTERM, then SIGKILL after 30 s) on exit. Its stderr keeps being
+    collected into ``log``."""
     proc = subprocess.Popen([EXE, *args], stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     running = Running(proc, "")
     for line in proc.stderr:
         running.log.append(line)
-        m = re.search(r"listening on (http://\S+)", line)
+        m = re.search(ready, line)
         if m:
-            running.url = m.group(1)
+            running.url = m.group(1) if m.groups() else "-"
             break
     drain = threading.Thread(target=lambda: running.log.extend(proc.stderr or ()), daemon=True)
     drain.start()
     try:
-        assert running.url, "no 'listening on' line:\n" + "".join(running.log[-40:])
+        assert running.url, f"no line matching {ready!r}:\n" + "".join(running.log[-40:])
         yield running
     finally:
         if proc.poll() is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tail_service.api import files, health, inference, models
+from tail_service.api import batches, files, health, inference, models
+from tail_service.schemas.batch import CreateBatchRequest, SyncBatchRequest
 from tail_service.schemas.chat import ChatCompletionRequest
 from tail_service.schemas.completions import CompletionRequest
 from tail_service.schemas.embeddings import EmbeddingRequest
@@ -22,6 +23,11 @@ ROUTES: list[tuple[str, str, Callable[..., Any], type | None, str]] = [
     ("GET", "/v1/files/{file_id}", files.retrieve_file, None, "Retrieve a file"),
     ("DELETE", "/v1/files/{file_id}", files.delete_file, None, "Delete a file"),
     ("GET", "/v1/files/{file_id}/content", files.file_content, None, "Download a file's content"),
+    ("POST", "/v1/batches", batches.create_batch, CreateBatchRequest, "Create a batch"),
+    ("GET", "/v1/batches", batches.list_batches, None, "List batches"),
+    ("GET", "/v1/batches/{batch_id}", batches.retrieve_batch, None, "Retrieve a batch"),
+    ("POST", "/v1/batches/{batch_id}/cancel", batches.cancel_batch, None, "Cancel a batch"),
+    ("POST", "/v1/batch", batches.run_batch, SyncBatchRequest, "Run a small batch and answer at once"),
     ("GET", "/health", health.health, None, "Dependencies and their state"),
     ("GET", "/livez", health.livez, None, "Liveness probe"),
     ("GET", "/readyz", health.readyz, None, "Readiness probe"),

@@ -94,9 +94,9 @@ class InferenceService:
             key, hit = await self._cached(req)
             return _Begun(None, _cache_header({}, key, hit), key, hit)
         if self._cache is None or req.cache_mode == CacheMode.SKIP or not cacheable(req):
-            ticket, headers = await self._admitter.admit(req)
+            ticket, headers = await self._admitter.admit(req, req.priority)
             return _Begun(ticket, headers, None, None)
-        admission = asyncio.ensure_future(self._admitter.admit(req))
+        admission = asyncio.ensure_future(self._admitter.admit(req, req.priority))
         try:
             key, hit = await self._cached(req)
         except BaseException:  # e.g. the client went away: settle what gets admitted

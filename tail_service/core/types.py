@@ -15,6 +15,8 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tail_service.core.ratelimit import Priority
+
 
 class Endpoint(enum.StrEnum):
     """Which OpenAI operation a request is for."""
@@ -138,6 +140,8 @@ class ProxyRequest:
     cache_mode: str = "skip"
     #: size of the request body in bytes (large prompts are counted off the event loop)
     body_bytes: int = 0
+    #: batch lines are admitted only into the capacity interactive calls leave spare
+    priority: Priority = Priority.INTERACTIVE
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ acts on are read once from the validated model (``params()``).
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,6 +24,9 @@ class OpenAIModel(BaseModel):
     """Base for request schemas: unknown fields are allowed and kept."""
 
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, strict=True)
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def _param(loc: tuple[int | str, ...], body: Any, *, missing: bool) -> str | None:
@@ -121,14 +124,17 @@ class RequestSchema(OpenAIModel):
         """The fields the gateway acts on, typed (the rest passes through)."""
 
 
-def parse_body(schema: type[RequestSchema], body: Any) -> RequestParams:
-    """Validate ``body`` against ``schema`` (strictly) and return its typed parameters.
-
-    Raises the OpenAI-style 400 with ``param`` set on the first failure.
-    """
+def parse_as(schema: type[M], body: Any) -> M:
+    """Validate ``body`` against ``schema`` (strictly); the OpenAI-style 400 with ``param``
+    set on the first failure."""
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
     try:
-        return schema.model_validate(body).params()
+        return schema.model_validate(body)
     except ValidationError as exc:
         raise to_request_error(exc, body) from None
+
+
+def parse_body(schema: type[RequestSchema], body: Any) -> RequestParams:
+    """Validate ``body`` against ``schema`` (strictly) and return its typed parameters."""
+    return parse_as(schema, body).params()

@@ -188,10 +188,10 @@ class FileStore:
             yield data
             seq += 1
 
-    def begin_upload(self, tenant: str, filename: str) -> FileRecord:
+    def begin_upload(self, tenant: str, filename: str, file_id: str | None = None) -> FileRecord:
         """Insert an ``uploading`` file (purpose and size unknown yet) and return it."""
         record = FileRecord(
-            id=new_file_id(),
+            id=file_id or new_file_id(),
             tenant=tenant,
             filename=filename,
             purpose="",
@@ -247,13 +247,20 @@ class FileStore:
             _delete_files(conn, [file_id])
 
     def write_file(
-        self, tenant: str, filename: str, purpose: str, chunks: Iterable[bytes], expires_at: int | None
+        self,
+        tenant: str,
+        filename: str,
+        purpose: str,
+        chunks: Iterable[bytes],
+        expires_at: int | None,
+        *,
+        file_id: str | None = None,
     ) -> FileRecord:
         """Store a file the server made (a batch's output): ``chunks`` are re-cut into rows
         of ``chunk_bytes``, each committed as it fills, the file ``uploading`` (invisible)
         until the last; on any failure what was written is deleted (or, if the process
         dies, purged later)."""
-        upload = self.begin_upload(tenant, filename)
+        upload = self.begin_upload(tenant, filename, file_id)
         try:
             size = 0
             seq = 0

@@ -56,6 +56,8 @@ batches = sa.Table(
     sa.Column("input_file_id", sa.String(_ID), nullable=False),
     sa.Column("completion_window", sa.String(16), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
+    #: a worker has started the batch's workflow (whose id is the batch id)
+    sa.Column("enqueued", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("model", sa.String(256), nullable=True),
     sa.Column("metadata", sa.Text, nullable=True),
     sa.Column("errors", sa.Text, nullable=True),
@@ -79,7 +81,7 @@ batches = sa.Table(
     sa.Column("request_hash", sa.String(64), nullable=True),
     sa.Index("ix_batches_tenant_created", "tenant", "created_at", "id"),
     sa.Index("ix_batches_idempotency", "tenant", "idempotency_key", unique=True),
-    sa.Index("ix_batches_status", "status"),
+    sa.Index("ix_batches_enqueued", "enqueued"),
 )
 
 batch_lines = sa.Table(

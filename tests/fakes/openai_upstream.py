@@ -70,6 +70,16 @@ def _model_not_found(model: str) -> _sse.BadRequest:
     return _sse.BadRequest(msg, code="model_not_found", status=404)
 
 
+#: a chat message with exactly this content is refused with a 400 (a request the upstream rejects)
+REJECT_CONTENT = "fake: reject this request"
+
+
+def _check_reject(body: Any) -> None:
+    for message in (body.get("messages") or []) if isinstance(body, dict) else []:
+        if isinstance(message, dict) and message.get("content") == REJECT_CONTENT:
+            raise _sse.BadRequest("The fake upstream rejects this request.", "messages", "invalid_value")
+
+
 def _json(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(
         body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json"
@@ -94,6 +104,7 @@ class FakeOpenAI:
         self.chunk_delay = chunk_delay  # seconds between SSE events; header x-fake-chunk-delay overrides
         self.embedding_dim = embedding_dim
         self.omit_usage = False  # True: ignore stream_options.include_usage
+        self.latency = 0.0  # seconds every inference request waits before it is answered
         self.base_url = ""  # "http://127.0.0.1:PORT/v1", set once listening
         self.port = 0
         self.requests: list[RecordedRequest] = []
@@ -202,7 +213,10 @@ class FakeOpenAI:
                 elif fault.kind == "reset":
                     await self._drop_connection(request, rec, abort=True)
             if inference:
+                if self.latency:
+                    await asyncio.sleep(self.latency)
                 self._check_model(body)
+                _check_reject(body)
             return await handler(request, rec, body or {}, fault)
         except _sse.BadRequest as exc:
             return _json(exc.body, exc.status, self._headers())

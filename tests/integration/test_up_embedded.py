@@ -53,6 +53,9 @@ def test_up_answers_offline_from_local_models(tmp_path: Path) -> None:
     assert out["stream_usage"]["completion_tokens"] > 0
     assert out["embed_dims"] == [384, 384]
     assert out["embed_usage"]["prompt_tokens"] > 0
+    assert out["batch_exit"] == 0, out["batch_stdout"]
+    assert out["batch_lines"] == 5
+    assert out["worker_restarted"] is True, out["log_tail"]
     assert out["list_has_no_key"] is True
     assert out["revoked_after_s"] is not None and out["revoked_after_s"] < 1.5
     deps = out["health"]["dependencies"]
@@ -60,7 +63,7 @@ def test_up_answers_offline_from_local_models(tmp_path: Path) -> None:
     assert deps["auth_service"]["revocation_watch"] == "connected"
     assert out["cached_key_while_auth_down"] is True
     assert out["auth_restarted_after_s"] is not None, out["log_tail"]
-    assert len(out["children"]) == 3  # auth-service, secret-service, redis-server
+    assert len(out["children"]) == 4  # auth-service, secret-service, redis-server, batch worker
     assert deps["redis"]["status"] == "ok"
     assert out["children_left"] == []  # the children stop with the parent
     # SIGTERM: a graceful shutdown of the HTTP service and both children, exit status 0.

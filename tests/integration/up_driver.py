@@ -117,6 +117,34 @@ def main() -> None:
         e = client.embeddings.create(model="local/all-minilm-l6-v2", input=["hello world", "a cat"])
         out["embed_dims"] = [len(d.embedding) for d in e.data]
         out["embed_usage"] = e.usage.model_dump()
+        # A batch through the CLI, run by the embedded worker (a supervised child).
+        batch_file = Path(state_dir) / "texts.jsonl"
+        batch_file.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "custom_id": f"t{i}",
+                        "method": "POST",
+                        "url": "/v1/embeddings",
+                        "body": {"model": "local/all-minilm-l6-v2", "input": f"text {i}"},
+                    }
+                )
+                + "\n"
+                for i in range(5)
+            )
+        )
+        cli_args = ["--endpoint", "/v1/embeddings", "--wait", "--interval", "0.2", "--base-url", url + "/v1"]
+        submitted = subprocess.run(
+            [exe, "batch", "submit", str(batch_file), *cli_args, "--api-key", key],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        out["batch_exit"] = submitted.returncode
+        out["batch_stdout"] = submitted.stdout + submitted.stderr[-2000:]
+        output_file = Path(state_dir) / "texts.output.jsonl"
+        out["batch_lines"] = len(output_file.read_text().splitlines()) if output_file.exists() else 0
         listed = subprocess.run(
             [exe, "keys", "list", "--state-dir", state_dir],
             capture_output=True,
@@ -156,6 +184,8 @@ def main() -> None:
         children = child_pids(proc.pid)
         auth_pid = next(pid for pid, cmd in children.items() if "auth-service" in cmd)
         os.kill(auth_pid, signal.SIGKILL)
+        worker_pid = next(pid for pid, cmd in children.items() if cmd.endswith("tail_service worker "))
+        os.kill(worker_pid, signal.SIGKILL)
         out["cached_key_while_auth_down"] = bool(client2.models.list().data)
         t0 = time.monotonic()
         out["auth_restarted_after_s"] = None
@@ -168,6 +198,14 @@ def main() -> None:
                 if done.returncode == 0:
                     out["auth_restarted_after_s"] = time.monotonic() - t0
                     break
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        out["worker_restarted"] = False
+        while time.monotonic() - t0 < 20 and not out["worker_restarted"]:
+            out["worker_restarted"] = any(
+                cmd.endswith("tail_service worker ") and pid != worker_pid
+                for pid, cmd in child_pids(proc.pid).items()
+            )
             time.sleep(0.2)
         out["children"] = sorted(child_pids(proc.pid))
     finally:

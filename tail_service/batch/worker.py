@@ -1,0 +1,144 @@
+"""``tail-service worker``: a batch worker process.
+
+It builds the same model proxy and admission as the HTTP service (lines are charged to
+their key's limits at batch priority), opens the store, and launches DBOS in its event
+loop. Alongside the workflows it runs three small loops:
+
+* **start**: batches created through the API are rows in the store; the worker starts
+  each one's workflow (workflow id = batch id, so two workers starting the same batch
+  start it once) and marks it started;
+* **heartbeat**: every ``heartbeat_interval`` the worker refreshes its row in
+  ``batch_workers``;
+* **take over**: a worker whose heartbeat is older than ``dead_after`` is dead. The first
+  live worker to delete its row (a compare-and-delete, so exactly one wins) asks DBOS to
+  re-enqueue the dead worker's pending workflows, which then run here or on any other
+  worker. A worker that restarts with the same executor id recovers its own work at once.
+
+Expired files are purged here too, so the HTTP replicas never do background writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from tail_service.app import _Closers, build_core
+from tail_service.batch import workflows
+from tail_service.batch.engine import BatchEngine
+from tail_service.db import normalize_url
+from tail_service.settings import Settings
+
+log = logging.getLogger("tail_service.worker")
+
+#: seconds between looks for newly created batches
+START_POLL = 0.2
+#: seconds between purges of expired files
+PURGE_INTERVAL = 60.0
+
+
+def executor_id(settings: Settings) -> str:
+    return settings.batch.executor_id or socket.gethostname()
+
+
+def system_database_url(settings: Settings) -> str:
+    """DBOS's own tables: beside the store (a ``dbos.sqlite`` file next to a SQLite store, the
+    ``dbos`` schema of the same PostgreSQL database)."""
+    url = normalize_url(settings.store.database_url, settings.state_dir)
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///") :]
+        return "sqlite:///" + str(Path(path).with_name(Path(path).stem + "-dbos.sqlite"))
+    return "postgresql://" + url.split("://", 1)[1]
+
+
+async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]]) -> None:
+    """Run ``fn`` every ``interval`` seconds; a failure is logged and tried again next time."""
+    while True:
+        try:
+            await fn()
+        except Exception:
+            log.exception("%s failed; trying again", what)
+        await asyncio.sleep(interval)
+
+
+async def _stop_dbos() -> None:
+    """Shut DBOS down from a thread of our own, then give the loop a fresh default executor:
+    DBOS replaced it with its own pool and shuts that pool down, and the closers that run
+    after this one still need threads."""
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(1, thread_name_prefix="dbos-stop") as pool:
+        await loop.run_in_executor(pool, workflows.shutdown)
+    loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="asyncio"))
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
+    """Run a worker until ``stop`` is set."""
+    async with AsyncExitStack() as stack:
+        closers = _Closers(stack)
+        core = await build_core(settings, closers, response_cache=False)
+        await core.warm
+        if core.limiter is not None:
+            await core.limiter.prepare()
+        engine = BatchEngine(settings.batch, core.store, core.inference)
+        me = executor_id(settings)
+        config = workflows.dbos_config(system_database_url(settings), me, settings.log_level)
+        flows = await workflows.launch(engine, config)
+        closers.add("DBOS", _stop_dbos)
+        store, batches, files = core.store, engine.batches, engine.files
+        started_at, host, pid = int(time.time()), socket.gethostname(), os.getpid()
+
+        async def beat() -> None:
+            await store.run(batches.beat, me, host, pid, started_at, time.time())
+
+        async def start_new() -> None:
+            for batch_id in await store.run(batches.unenqueued):
+                await flows.start_batch(batch_id)
+                await store.run(batches.mark_enqueued, batch_id)
+
+        async def take_over() -> None:
+            dead = await store.run(batches.dead_workers, time.time(), settings.batch.dead_after)
+            for other, last_seen in dead:
+                if other == me or not await store.run(batches.claim_dead, other, last_seen):
+                    continue
+                count = await asyncio.to_thread(workflows.recover, other)
+                log.warning("took over the work of dead worker %s (%d workflows)", other, count)
+
+        async def purge() -> None:
+            removed = await store.run(files.purge_expired, int(time.time()))
+            if removed:
+                log.info("purged %d expired files", removed)
+
+        await beat()
+        loops = [
+            asyncio.create_task(_every(settings.batch.heartbeat_interval, "heartbeat", beat)),
+            asyncio.create_task(_every(START_POLL, "starting new batches", start_new)),
+            asyncio.create_task(_every(settings.batch.dead_after / 3, "taking over dead workers", take_over)),
+            asyncio.create_task(_every(PURGE_INTERVAL, "purging expired files", purge)),
+        ]
+        for task in loops:
+            closers.task("a worker loop", task)
+        log.info("batch worker ready", extra={"executor_id": me})
+        await stop.wait()
+        log.info("batch worker stopping", extra={"executor_id": me})
+
+
+def main(settings: Settings) -> None:
+    """Run a worker in this process until SIGTERM or SIGINT."""
+    import signal
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(settings, stop)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
