@@ -39,7 +39,7 @@ from tail_service.settings import Settings
 log = logging.getLogger("tail_service.worker")
 
 #: seconds between looks for newly created batches
-START_POLL = 0.2
+START_POLL = 0.5
 #: seconds between purges of expired files
 PURGE_INTERVAL = 60.0
 

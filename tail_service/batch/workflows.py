@@ -99,12 +99,12 @@ async def launch(engine: BatchEngine, config: DBOSConfig) -> Workflows:
     DBOS(config=config)
     DBOS.launch()
     batch_queue = await DBOS.register_queue_async(
-        BATCH_QUEUE, worker_concurrency=64, polling_interval_sec=0.2, on_conflict="always_update"
+        BATCH_QUEUE, worker_concurrency=64, polling_interval_sec=1.0, on_conflict="always_update"
     )
     chunk_queue = await DBOS.register_queue_async(
         CHUNK_QUEUE,
         worker_concurrency=engine.settings.worker_concurrency,
-        polling_interval_sec=0.05,
+        polling_interval_sec=0.25,
         on_conflict="always_update",
     )
     return Workflows(batch, chunk, batch_queue, chunk_queue)
