@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -124,7 +125,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         ]
         for task in loops:
             closers.task("a worker loop", task)
-        log.info("batch worker ready", extra={"executor_id": me})
+        # printed whatever the log level: `up` (and the tests) wait for this line
+        print(f"batch worker ready (executor {me})", file=sys.stderr, flush=True)
         await stop.wait()
         log.info("batch worker stopping", extra={"executor_id": me})
 
