@@ -323,13 +323,17 @@ class Supervisor:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="tail-supervisor")
 
-    def start(self, ready_timeout: float = 60.0) -> None:
+    def start(self, ready_timeout: float = 60.0, *, wait: bool = True) -> None:
+        """Start every child; with ``wait``, return once each is ready (else raise)."""
         try:
             for child in self.children:
                 child.start()
         except BaseException:
             self.stop()
             raise
+        if not wait:
+            self._thread.start()
+            return
         deadline = time.monotonic() + ready_timeout
         for child in self.children:
             if not child.ready.wait(max(0.0, deadline - time.monotonic())):
@@ -394,11 +398,12 @@ def start_children(layout: StackLayout, *, log_level: str) -> Supervisor:
 
 def start_worker(settings_json: str, *, log_level: str) -> Supervisor:
     """Start the embedded batch worker (``tail-service worker``) with the HTTP service's
-    settings, supervised, and wait until it is ready."""
+    settings, supervised. The HTTP service does not wait for it: until it is ready, batches
+    wait (``/health`` counts the live workers)."""
     env = {**os.environ, "TAIL_LOG_LEVEL": log_level, "TAIL_SETTINGS_JSON": settings_json}
     env.pop("TAIL_CONFIG", None)
     args = [sys.executable, "-m", "tail_service", "worker"]
     child = Child("batch-worker", args, env, ready_marker="batch worker ready")
     supervisor = Supervisor([child])
-    supervisor.start()
+    supervisor.start(wait=False)
     return supervisor

@@ -98,10 +98,17 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         async def beat() -> None:
             await store.run(batches.beat, me, host, pid, started_at, time.time())
 
+        polling_busy = False
+
         async def start_new() -> None:
+            nonlocal polling_busy
             for batch_id in await store.run(batches.unenqueued):
                 await flows.start_batch(batch_id)
                 await store.run(batches.mark_enqueued, batch_id)
+            busy = await store.run(batches.any_running)
+            if busy != polling_busy:
+                await flows.set_chunk_polling(busy, settings.batch.worker_concurrency)
+                polling_busy = busy
 
         async def take_over() -> None:
             dead = await store.run(batches.dead_workers, time.time(), settings.batch.dead_after)

@@ -24,6 +24,8 @@ from tail_service.store.schema import batch_lines, batch_results, batches, worke
 
 #: statuses after which nothing changes any more
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+#: statuses of a batch that has not ended
+RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
 #: statuses a cancel request applies to
 CANCELLABLE = ("validating", "in_progress")
 
@@ -254,6 +256,12 @@ class BatchStore:
                 .limit(limit)
             ).all()
         return [r[0] for r in rows]
+
+    def any_running(self) -> bool:
+        """Whether some batch has not ended yet (its chunks may be waiting to run)."""
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(batches.c.id).where(batches.c.status.in_(RUNNING)).limit(1)).first()
+        return row is not None
 
     def mark_enqueued(self, batch_id: str) -> None:
         with self._engine.begin() as conn:

@@ -82,6 +82,7 @@ batches = sa.Table(
     sa.Index("ix_batches_tenant_created", "tenant", "created_at", "id"),
     sa.Index("ix_batches_idempotency", "tenant", "idempotency_key", unique=True),
     sa.Index("ix_batches_enqueued", "enqueued"),
+    sa.Index("ix_batches_status", "status"),
 )
 
 batch_lines = sa.Table(
