@@ -11,9 +11,13 @@ import shlex
 import signal
 import socket
 import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -27,6 +31,9 @@ from tail_service.settings import (
     load_settings,
     resolve_credentials,
 )
+
+if TYPE_CHECKING:
+    from tail_service.stack import Supervisor
 
 cli = typer.Typer(
     name="tail-service",
@@ -130,8 +137,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run(settings: Settings, *, banner: bool) -> None:
-    """Serve ``settings`` with uvicorn (uvloop + httptools) on a socket bound here."""
+def _run(settings: Settings, *, banner: bool, on_listening: Callable[[str], None] | None = None) -> None:
+    """Serve ``settings`` with uvicorn (uvloop + httptools) on a socket bound here;
+    ``on_listening(url)`` is called once the socket is bound, before serving starts."""
     import uvicorn
 
     from tail_service.app import create_app
@@ -170,6 +178,8 @@ def _run(settings: Settings, *, banner: bool) -> None:
             err=True,
         )
     typer.echo(f"tail-service listening on {url}", err=True)
+    if on_listening is not None:
+        on_listening(url)
     # uvicorn shuts down gracefully on SIGTERM, restores the previous handlers and then
     # raises the signal again; this handler turns that into a normal exit, so `finally`
     # blocks (stopping `up`'s child services) run and the exit status is 0.
@@ -221,7 +231,7 @@ def up(
     child processes with mutual TLS, and the HTTP service (local models when none are configured)."""
     from tail_service.logging import configure_logging
     from tail_service.redis_embedded import EmbeddedRedisError
-    from tail_service.stack import prepare_state, start_children, start_redis, start_worker
+    from tail_service.stack import prepare_state, start_children, start_redis
 
     state = (state_dir or default_state_dir()).resolve()
     layout = prepare_state(state)
@@ -241,14 +251,9 @@ def up(
         redis_server.stop()
         typer.echo(f"tail-service: {exc}", err=True)
         raise typer.Exit(1) from None
-    worker = None
+    worker = _DeferredWorker(settings) if settings.batch.embedded_worker else None
     try:
-        if settings.batch.embedded_worker:
-            worker = start_worker(_worker_settings_json(settings), log_level=settings.log_level)
-        _run(settings, banner=True)
-    except RuntimeError as exc:
-        typer.echo(f"tail-service: {exc}", err=True)
-        raise typer.Exit(1) from None
+        _run(settings, banner=True, on_listening=worker.start_when_ready if worker else None)
     finally:
         if worker is not None:
             worker.stop()
@@ -267,6 +272,43 @@ def serve(
     """Start the HTTP service alone, for deployments."""
     settings = _load(config, host, port, state_dir, workers)
     _run(settings, banner=False)
+
+
+class _DeferredWorker:
+    """``up``'s batch worker, started once the HTTP service answers ``/readyz``, so the two
+    start-ups do not compete for the CPU (the first request is served as soon as before)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: Supervisor | None = None
+
+    def start_when_ready(self, url: str) -> None:
+        threading.Thread(target=self._start, args=(url,), daemon=True, name="worker-start").start()
+
+    def _start(self, url: str) -> None:
+        deadline = time.monotonic() + 120
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+        while not self._stopping.wait(0.1) and time.monotonic() < deadline:
+            try:
+                with direct.open(f"{url}/readyz", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                continue
+        from tail_service.stack import start_worker
+
+        with self._lock:
+            if not self._stopping.is_set():
+                settings = self._settings
+                self._supervisor = start_worker(_worker_settings_json(settings), log_level=settings.log_level)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+            if self._supervisor is not None:
+                self._supervisor.stop()
 
 
 def _worker_settings_json(settings: Settings) -> str:

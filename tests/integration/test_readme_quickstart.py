@@ -2,7 +2,8 @@
 
 The blocks are the ones marked ``<!-- quickstart:NAME -->`` in README.md: ``up``, ``key``
 (create a key), ``python`` (saved as quickstart.py), ``run`` (install the SDK, run the
-file) and ``curl``. They run in one clean shell, as a person would paste them: ``HOME``
+file), ``curl`` and ``batch`` (a batch through the CLI and the embedded worker). They run
+in one clean shell, as a person would paste them: ``HOME``
 is a fresh temp directory (so the default state directory is new), ``PATH`` has only the
 system directories, and nothing else is inherited. The only substitutions:
 
@@ -57,7 +58,7 @@ def _clean_env(home: Path) -> dict[str, str]:
 @pytest.mark.timeout(420)
 def test_readme_quickstart_runs_as_written(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     blocks = quickstart_blocks()
-    assert set(blocks) == {"up", "key", "python", "run", "curl"}, sorted(blocks)
+    assert set(blocks) == {"up", "key", "python", "run", "curl", "batch"}, sorted(blocks)
     up_lines = [ln for ln in blocks["up"].splitlines() if ln.strip() and not ln.startswith("#")]
     assert up_lines == ["bash scripts/up.sh"]
     assert "tail_service.cli" in BIN.joinpath("tail-service").read_text()  # the console script is here
@@ -101,7 +102,7 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path, request: pytest.Fixtu
         # The README's blocks, pasted into one shell.
         (work / "quickstart.py").write_text(_substitute(blocks["python"], url))
         script = "set -euo pipefail\n" + "\n".join(
-            _substitute(blocks[name], url) for name in ("key", "run", "curl")
+            _substitute(blocks[name], url) for name in ("key", "run", "curl", "batch")
         )
         res = subprocess.run(["/bin/bash", "-c", script], timeout=360, **shell)
         assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:], "".join(log[-30:]))
@@ -113,5 +114,7 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path, request: pytest.Fixtu
     paris = next(i for i, ln in enumerate(lines) if "Paris" in ln)  # the first answer
     dims = lines.index("384")  # the embedding's length, printed last by quickstart.py
     assert any(ln.strip() for ln in lines[paris + 1 : dims]), res.stdout  # the streamed answer
-    answer = json.loads("\n".join(lines[dims + 1 :]))  # curl's response
+    # curl's response (it ends without a newline: the batch block's output follows on its line)
+    answer, _ = json.JSONDecoder().raw_decode("\n".join(lines[dims + 1 :]))
+    assert lines[-1].split() == ["3", "requests.output.jsonl"], lines[-5:]  # the batch block's
     assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]
