@@ -14,8 +14,9 @@ levels but writes only 254, and whatever is accepted must be forwardable upstrea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import orjson
@@ -93,7 +94,7 @@ async def _read(request: Request, limit: int, idle: float, min_rate: int) -> byt
     # body is never joined in one long step on the event loop.
     raw: bytes | bytearray = b""
     size = 0
-    try:
+    with _stall_errors(stall, idle):
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
@@ -106,14 +107,6 @@ async def _read(request: Request, limit: int, idle: float, min_rate: int) -> byt
                 raw += chunk
             stall.last = clock()
             stall.size = size
-    except asyncio.CancelledError:
-        if stall.fired and stall.task.uncancel() == 0:
-            raise _stalled(size, idle) from None
-        raise
-    except ClientDisconnect:
-        raise _disconnected(size) from None
-    finally:
-        stall.cancel()
     return raw
 
 
@@ -129,7 +122,7 @@ async def iter_body(request: Request, server: ServerSettings) -> AsyncGenerator[
     stall = _StallTimer(idle, server.body_min_rate)
     clock = stall.loop.time
     size = 0
-    try:
+    with _stall_errors(stall, idle):
         async for chunk in request.stream():
             if not chunk:
                 continue
@@ -139,12 +132,20 @@ async def iter_body(request: Request, server: ServerSettings) -> AsyncGenerator[
             stall.pause()
             yield chunk
             stall.resume()
+
+
+@contextlib.contextmanager
+def _stall_errors(stall: _StallTimer, idle: float) -> Iterator[None]:
+    """Turn the stall timer's cancellation into a 408 and a client that left into a 499
+    (``stall.size``: the bytes received so far); the timer stops on the way out."""
+    try:
+        yield
     except asyncio.CancelledError:
         if stall.fired and stall.task.uncancel() == 0:
-            raise _stalled(size, idle) from None
+            raise _stalled(stall.size, idle) from None
         raise
     except ClientDisconnect:
-        raise _disconnected(size) from None
+        raise _disconnected(stall.size) from None
     finally:
         stall.cancel()
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from tail_service.db import make_engine, migrate
@@ -21,6 +22,15 @@ from tail_service.store.schema import MIGRATIONS, SERVICE
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+def beyond(table: sa.Table, created_at: int, row_id: str, *, desc: bool) -> sa.ColumnElement[bool]:
+    """Rows after ``(created_at, row_id)`` in ``(created_at, id)`` order (a keyset cursor):
+    older ones when ``desc``, newer ones otherwise."""
+    at, key = table.c.created_at, table.c.id
+    if desc:
+        return sa.or_(at < created_at, sa.and_(at == created_at, key < row_id))
+    return sa.or_(at > created_at, sa.and_(at == created_at, key > row_id))
 
 
 class Store:

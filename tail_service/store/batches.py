@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tail_service.core.batch import batch_usage
-from tail_service.store import Store
+from tail_service.store import Store, beyond
 from tail_service.store.schema import batch_lines, batch_results, batches, workers
 
 #: statuses after which nothing changes any more
@@ -134,6 +134,20 @@ class ResultRow:
     reasoning_tokens: int = 0
 
 
+def _without_result(batch_id: str, *columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """``columns`` of the batch's lines that have no stored result, in line order."""
+    has_result = sa.and_(
+        batch_results.c.batch_id == batch_lines.c.batch_id,
+        batch_results.c.line_no == batch_lines.c.line_no,
+    )
+    return (
+        sa.select(*columns)
+        .select_from(batch_lines.outerjoin(batch_results, has_result))
+        .where(batch_lines.c.batch_id == batch_id, batch_results.c.line_no.is_(None))
+        .order_by(batch_lines.c.line_no)
+    )
+
+
 class IdempotencyConflict(Exception):
     """The ``Idempotency-Key`` was used before for a different request."""
 
@@ -203,12 +217,7 @@ class BatchStore:
                 ).first()
                 if anchor is None:
                     return [], False
-                query = query.where(
-                    sa.or_(
-                        batches.c.created_at < anchor.created_at,
-                        sa.and_(batches.c.created_at == anchor.created_at, batches.c.id < anchor.id),
-                    )
-                )
+                query = query.where(beyond(batches, anchor.created_at, anchor.id, desc=True))
             rows = conn.execute(
                 query.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit + 1)
             ).all()
@@ -305,25 +314,9 @@ class BatchStore:
 
     def pending_lines(self, batch_id: str, first: int, last: int) -> list[tuple[int, str, bytes]]:
         """Lines ``first..last`` (inclusive) that have no stored result yet."""
-        query = (
-            sa.select(batch_lines.c.line_no, batch_lines.c.custom_id, batch_lines.c.body)
-            .select_from(
-                batch_lines.outerjoin(
-                    batch_results,
-                    sa.and_(
-                        batch_results.c.batch_id == batch_lines.c.batch_id,
-                        batch_results.c.line_no == batch_lines.c.line_no,
-                    ),
-                )
-            )
-            .where(
-                batch_lines.c.batch_id == batch_id,
-                batch_lines.c.line_no >= first,
-                batch_lines.c.line_no <= last,
-                batch_results.c.line_no.is_(None),
-            )
-            .order_by(batch_lines.c.line_no)
-        )
+        query = _without_result(
+            batch_id, batch_lines.c.line_no, batch_lines.c.custom_id, batch_lines.c.body
+        ).where(batch_lines.c.line_no >= first, batch_lines.c.line_no <= last)
         with self._engine.connect() as conn:
             return [(r[0], r[1], r[2]) for r in conn.execute(query).all()]
 
@@ -359,22 +352,8 @@ class BatchStore:
     def unanswered(self, batch_id: str, after: int, limit: int = _PAGE) -> list[tuple[int, str]]:
         """Lines after ``after`` without a result: ``(line_no, custom_id)``, in order."""
         query = (
-            sa.select(batch_lines.c.line_no, batch_lines.c.custom_id)
-            .select_from(
-                batch_lines.outerjoin(
-                    batch_results,
-                    sa.and_(
-                        batch_results.c.batch_id == batch_lines.c.batch_id,
-                        batch_results.c.line_no == batch_lines.c.line_no,
-                    ),
-                )
-            )
-            .where(
-                batch_lines.c.batch_id == batch_id,
-                batch_lines.c.line_no > after,
-                batch_results.c.line_no.is_(None),
-            )
-            .order_by(batch_lines.c.line_no)
+            _without_result(batch_id, batch_lines.c.line_no, batch_lines.c.custom_id)
+            .where(batch_lines.c.line_no > after)
             .limit(limit)
         )
         with self._engine.connect() as conn:

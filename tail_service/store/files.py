@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from tail_service.store import Store
+from tail_service.store import Store, beyond
 from tail_service.store.schema import file_chunks, files
 
 #: an ``uploading`` row older than this (seconds) is a crashed upload
@@ -141,16 +141,7 @@ class FileStore:
                 ).first()
                 if cursor is None:
                     return FilePage([], has_more=False)
-                at, fid = cursor
-                if desc:
-                    beyond = sa.or_(
-                        files.c.created_at < at, sa.and_(files.c.created_at == at, files.c.id < fid)
-                    )
-                else:
-                    beyond = sa.or_(
-                        files.c.created_at > at, sa.and_(files.c.created_at == at, files.c.id > fid)
-                    )
-                query = query.where(beyond)
+                query = query.where(beyond(files, cursor.created_at, cursor.id, desc=desc))
             if desc:
                 query = query.order_by(files.c.created_at.desc(), files.c.id.desc())
             else:

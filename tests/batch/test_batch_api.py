@@ -249,7 +249,7 @@ def test_cancel_mid_run_keeps_partial_results(gw: BatchGateway) -> None:
 
 def test_expiry_keeps_partial_results(make_app: Callable[..., RunningApp], upstream: FakeOpenAI) -> None:
     upstream.latency = 0.2
-    app = make_app([model_entry("gpt-test", upstream)], batch={"completion_window_seconds": 3})
+    app = make_app([model_entry("gpt-test", upstream)], batch={"completion_window_seconds": 6})
     client = app.strict_client()
     lines = [chat_line(f"r{i}") for i in range(200)]
     with run_worker(app.settings, chunk_lines=20, worker_concurrency=1, line_concurrency=4):
