@@ -57,6 +57,10 @@ def _store_errors(context: grpc.ServicerContext, action: str) -> Iterator[None]:
         context.abort(grpc.StatusCode.UNAVAILABLE, "key store unavailable")
 
 
+#: key ids one GetPrincipals call may name
+MAX_PRINCIPALS = 1000
+
+
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     """The RPC handlers; see the module docstring for who may call what."""
 
@@ -75,6 +79,17 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             log.debug("key verification failed")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, INVALID_KEY)
         return auth_pb2.VerifyKeyResponse(principal=_pb(auth_pb2.Principal, p))
+
+    def GetPrincipals(
+        self, request: auth_pb2.GetPrincipalsRequest, context: Ctx
+    ) -> auth_pb2.GetPrincipalsResponse:
+        """The principals of the keys named by id that are still valid (batch workers)."""
+        require_identity(context, self._clients, "read principals")
+        if len(request.key_ids) > MAX_PRINCIPALS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_PRINCIPALS} key ids")
+        with _store_errors(context, "GetPrincipals"):
+            found = self._store.principals(request.key_ids)
+        return auth_pb2.GetPrincipalsResponse(principals=[_pb(auth_pb2.Principal, p) for p in found])
 
     def CreateKey(self, request: auth_pb2.CreateKeyRequest, context: Ctx) -> auth_pb2.CreateKeyResponse:
         """Create a key; the response carries the plaintext, the only time it exists."""

@@ -290,8 +290,23 @@ class KeyStore:
         matches = hmac.compare_digest(stored.encode("ascii"), presented.encode("ascii"))
         if info is None or not matches or info.revoked or 0 < info.expires_at <= at:
             return None
-        same = {f.name: getattr(info, f.name) for f in fields(VerifiedKey) if f.name != "key_id"}
-        return VerifiedKey(key_id=info.id, **same)
+        return _verified(info)
+
+    def principals(self, key_ids: Iterable[str], now: float | None = None) -> list[VerifiedKey]:
+        """The current principals of the keys ``key_ids`` that are still valid (not revoked,
+        not expired); the others are left out."""
+        ids = sorted(set(key_ids))
+        if not ids:
+            return []
+        at = self._now() if now is None else int(now)
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(API_KEYS).where(API_KEYS.c.id.in_(ids))).all()
+        out = []
+        for row in rows:
+            info = _info(row)
+            if not info.revoked and not 0 < info.expires_at <= at:
+                out.append(_verified(info))
+        return out
 
     def max_event_id(self) -> int:
         """The id of the newest key event, or 0 if there is none."""
@@ -308,3 +323,9 @@ class KeyStore:
         with self._engine.connect() as conn:
             rows = conn.execute(query).all()
         return [KeyEvent(int(r.id), r.key_id, r.kind, int(r.created_at)) for r in rows]
+
+
+def _verified(info: KeyInfo) -> VerifiedKey:
+    """The principal a valid key's record gives."""
+    same = {f.name: getattr(info, f.name) for f in fields(VerifiedKey) if f.name != "key_id"}
+    return VerifiedKey(key_id=info.id, **same)

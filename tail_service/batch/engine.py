@@ -26,6 +26,7 @@ from dataclasses import asdict
 
 import orjson
 
+from tail_service.core.auth import KeyDirectory
 from tail_service.core.batch import (
     InputChecker,
     line_record_id,
@@ -35,6 +36,7 @@ from tail_service.core.batch import (
 )
 from tail_service.core.inference import InferenceService
 from tail_service.core.types import Principal
+from tail_service.errors import ServiceUnavailableError
 from tail_service.settings import BatchSettings
 from tail_service.store import Store
 from tail_service.store.batches import TERMINAL, BatchRow, BatchStore, ResultRow
@@ -44,6 +46,8 @@ log = logging.getLogger("tail_service.batch")
 
 #: output files are kept this long unless the batch asked otherwise (OpenAI: 30 days)
 OUTPUT_TTL = 30 * 86_400
+#: seconds between checks, while a batch runs, that the key which created it is still valid
+KEY_RECHECK = 2.0
 #: input lines stored per insert while validating
 _LINES_PER_INSERT = 1000
 
@@ -80,16 +84,21 @@ def split_lines(chunks: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:
 
 
 class _StopWatch:
-    """Tells a running chunk to start no new lines: the batch is being cancelled or expired.
+    """Tells a running chunk to start no new lines: the batch is being cancelled or expired,
+    or the key that created it was revoked.
 
     Polls the batch's status in the store every ``interval`` seconds (one small query per
-    chunk, not per line).
+    chunk, not per line), and the key every :data:`KEY_RECHECK` seconds. ``principal`` is
+    the key's policy as it is now (an updated limit applies to the lines still to run).
     """
 
-    def __init__(self, engine: BatchEngine, batch: BatchRow, interval: float = 0.5) -> None:
+    def __init__(
+        self, engine: BatchEngine, batch: BatchRow, principal: Principal, interval: float = 0.5
+    ) -> None:
         self._engine = engine
         self._batch = batch
         self._interval = interval
+        self.principal = principal
         self.reason: str | None = None
         self._check(batch.status)
 
@@ -107,10 +116,19 @@ class _StopWatch:
         return self.reason is not None
 
     async def watch(self) -> None:
+        next_key_check = time.monotonic() + KEY_RECHECK
         while self.reason is None:
             await asyncio.sleep(self._interval)
             row = await self._engine.store.run(self._engine.batches.get_any, self._batch.id)
             self._check(row.status if row is not None else "cancelled")
+            if self.reason is None and time.monotonic() >= next_key_check:
+                next_key_check = time.monotonic() + KEY_RECHECK
+                fresh = await self._engine.current_principal(self.principal)
+                if fresh is None:
+                    await self._engine.stop_revoked(self._batch.id)
+                    self.reason = "revoked"
+                else:
+                    self.principal = fresh
 
 
 class _ResultWriter:
@@ -165,6 +183,7 @@ class BatchEngine:
         store: Store,
         inference: InferenceService,
         *,
+        keys: KeyDirectory | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -172,7 +191,43 @@ class BatchEngine:
         self.batches = BatchStore(store)
         self.files = FileStore(store)
         self.inference = inference
+        #: where the key that created a batch is checked again while it runs (auth-service)
+        self.keys = keys
         self._clock = clock
+        self._key_cache: dict[str, tuple[float, Principal | None]] = {}
+
+    async def current_principal(self, principal: Principal) -> Principal | None:
+        """The key's principal as it is now; ``None`` once it is revoked or expired. When
+        auth-service cannot tell, the last known one (checked again later)."""
+        if 0 < principal.expires_at <= self._clock():
+            return None
+        if self.keys is None:
+            return principal
+        now = time.monotonic()
+        cached = self._key_cache.get(principal.key_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            found = await self.keys.principals([principal.key_id])
+        except ServiceUnavailableError:
+            log.warning("cannot check the key of a running batch", extra={"key_id": principal.key_id})
+            return principal
+        fresh = found.get(principal.key_id)
+        self._key_cache[principal.key_id] = (now + KEY_RECHECK, fresh)
+        return fresh
+
+    async def stop_revoked(self, batch_id: str) -> None:
+        """The batch's key was revoked (or expired): cancel it, saying why."""
+        message = "The API key that created this batch was revoked or expired; the batch was cancelled."
+        error = {"code": "key_revoked", "message": message, "param": None, "line": None}
+        await self.store.run(
+            self.batches.transition,
+            batch_id,
+            ("validating", "in_progress"),
+            "cancelling",
+            cancelling_at=self._now(),
+            errors=json.dumps({"object": "list", "data": [error]}),
+        )
 
     def _now(self) -> int:
         return int(self._clock())
@@ -239,13 +294,16 @@ class BatchEngine:
         batch = await self.store.run(self.batches.get_any, batch_id)
         if batch is None or batch.status in TERMINAL:
             return 0
-        stop = _StopWatch(self, batch)
+        principal = await self.current_principal(principal_from_json(batch.principal))
+        if principal is None:
+            await self.stop_revoked(batch_id)
+            return 0
+        stop = _StopWatch(self, batch, principal)
         if stop.stopped:
             return 0
         lines = await self.store.run(self.batches.pending_lines, batch_id, first, last)
         if not lines:
             return 0
-        principal = principal_from_json(batch.principal)
         writer = _ResultWriter(self, batch_id)
         gate = asyncio.Semaphore(self.settings.line_concurrency)
         watcher = asyncio.create_task(stop.watch())
@@ -258,7 +316,7 @@ class BatchEngine:
                     self.inference,
                     batch.endpoint,
                     body,
-                    principal,
+                    stop.principal,
                     stopped=lambda: stop.stopped,
                     max_backoff=self.settings.max_backoff,
                 )
@@ -306,7 +364,9 @@ class BatchEngine:
             assert batch is not None
             if batch.status != "cancelling":
                 return batch.status
-        reason = "cancelled" if batch.status == "cancelling" else "expired"
+        reason = "expired"
+        if batch.status == "cancelling":
+            reason = "revoked" if "key_revoked" in (batch.errors or "") else "cancelled"
         missing = self._record_unanswered(batch_id, reason)
         if batch.status != "cancelling" and missing and not expired:
             log.error("batch %s: %d lines had no result when it finished", batch_id, missing)

@@ -34,6 +34,8 @@ from pathlib import Path
 from tail_service.app import _Closers, build_core
 from tail_service.batch import workflows
 from tail_service.batch.engine import BatchEngine
+from tail_service.clients.auth import AuthClient
+from tail_service.clients.grpc_channel import ReloadingChannel
 from tail_service.db import normalize_url
 from tail_service.settings import Settings
 
@@ -87,7 +89,12 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         await core.warm
         if core.limiter is not None:
             await core.limiter.prepare()
-        engine = BatchEngine(settings.batch, core.store, core.inference)
+        keys = None
+        if settings.auth.mode == "grpc" and settings.auth.address:
+            # the key that created a batch is checked again while the batch runs
+            keys = AuthClient(ReloadingChannel(settings.auth.address, settings.auth.tls), settings.auth)
+            closers.add("the auth-service client", keys.close)
+        engine = BatchEngine(settings.batch, core.store, core.inference, keys=keys)
         me = executor_id(settings)
         config = workflows.dbos_config(system_database_url(settings), me, settings.log_level)
         flows = await workflows.launch(engine, config)

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,31 +127,47 @@ class AuthClient:
             raise _invalid_key()
         return principal
 
-    async def _verify(self, api_key: str, digest: bytes) -> Principal | None:
-        epoch = self._epoch
+    async def _call(self, method: str, request: Any) -> Any:
+        """One unary RPC, tried again on UNAVAILABLE / DEADLINE_EXCEEDED (with backoff); any
+        other failure, or the last one, is raised as the ``AioRpcError``."""
         stub = auth_pb2_grpc.AuthServiceStub(self._channel.get())
         attempts = 1 + self._settings.retries
         for attempt in range(attempts):
             try:
-                resp = await stub.VerifyKey(
-                    auth_pb2.VerifyKeyRequest(api_key=api_key), timeout=self._settings.timeout
-                )
+                return await getattr(stub, method)(request, timeout=self._settings.timeout)
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.UNAUTHENTICATED:
-                    if self._settings.negative_ttl > 0 and epoch == self._epoch:
-                        self._store(digest, None, self._settings.negative_ttl)
-                    return None
-                if code in _RETRYABLE and attempt < attempts - 1:
+                if exc.code() in _RETRYABLE and attempt < attempts - 1:
                     await asyncio.sleep(0.05 * 2**attempt)
                     continue
-                log.warning("auth-service call failed", extra={"grpc_code": code.name})
-                raise _unavailable() from None
-            principal = principal_from_proto(resp.principal)
-            if epoch == self._epoch:
-                self._store(digest, principal, self._settings.cache_ttl)
-            return principal
-        raise _unavailable()  # pragma: no cover - the loop always returns or raises
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _verify(self, api_key: str, digest: bytes) -> Principal | None:
+        epoch = self._epoch
+        try:
+            resp = await self._call("VerifyKey", auth_pb2.VerifyKeyRequest(api_key=api_key))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                if self._settings.negative_ttl > 0 and epoch == self._epoch:
+                    self._store(digest, None, self._settings.negative_ttl)
+                return None
+            log.warning("auth-service call failed", extra={"grpc_code": exc.code().name})
+            raise _unavailable() from None
+        principal = principal_from_proto(resp.principal)
+        if epoch == self._epoch:
+            self._store(digest, principal, self._settings.cache_ttl)
+        return principal
+
+    async def principals(self, key_ids: Iterable[str]) -> dict[str, Principal]:
+        """The current principals of the keys ``key_ids`` that are still valid (revoked and
+        expired ones are absent). Raises the 503 ``auth_unavailable`` when it cannot tell."""
+        try:
+            resp = await self._call("GetPrincipals", auth_pb2.GetPrincipalsRequest(key_ids=sorted(key_ids)))
+        except grpc.aio.AioRpcError as exc:
+            log.warning("auth-service call failed", extra={"grpc_code": exc.code().name})
+            raise _unavailable() from None
+        found = (principal_from_proto(p) for p in resp.principals)
+        return {p.key_id: p for p in found}
 
     def _store(self, digest: bytes, principal: Principal | None, ttl: float) -> None:
         if len(self._cache) >= self._settings.cache_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from tail_service.core.types import Principal
@@ -17,6 +18,15 @@ class Authenticator(Protocol):
     """
 
     async def authenticate(self, api_key: str | None) -> Principal: ...
+
+
+class KeyDirectory(Protocol):
+    """The current state of keys known by id (for work that outlives a request: batches)."""
+
+    async def principals(self, key_ids: Iterable[str]) -> dict[str, Principal]:
+        """Principals of the keys that are still valid; revoked and expired ones are absent.
+        Raises :class:`~tail_service.errors.ServiceUnavailableError` when it cannot tell."""
+        ...
 
 
 def check_model_access(principal: Principal, model: str) -> None:

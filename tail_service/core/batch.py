@@ -311,6 +311,10 @@ def output_line(record_id: str, custom_id: str, result: LineResult) -> dict[str,
 NOT_RUN = {
     "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
     "cancelled": ("batch_cancelled", "This request was not executed because the batch was cancelled."),
+    "revoked": (
+        "key_revoked",
+        "This request was not executed because the API key that created the batch was revoked or expired.",
+    ),
 }
 
 

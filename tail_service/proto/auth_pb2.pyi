@@ -153,6 +153,18 @@ class UpdateKeyResponse(_message.Message):
     key: KeyInfo
     def __init__(self, key: _Optional[_Union[KeyInfo, _Mapping]] = ...) -> None: ...
 
+class GetPrincipalsRequest(_message.Message):
+    __slots__ = ("key_ids",)
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetPrincipalsResponse(_message.Message):
+    __slots__ = ("principals",)
+    PRINCIPALS_FIELD_NUMBER: _ClassVar[int]
+    principals: _containers.RepeatedCompositeFieldContainer[Principal]
+    def __init__(self, principals: _Optional[_Iterable[_Union[Principal, _Mapping]]] = ...) -> None: ...
+
 class WatchKeyEventsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -39,6 +39,11 @@ class AuthServiceStub:
                 request_serializer=auth__pb2.VerifyKeyRequest.SerializeToString,
                 response_deserializer=auth__pb2.VerifyKeyResponse.FromString,
                 _registered_method=True)
+        self.GetPrincipals = channel.unary_unary(
+                '/tail.auth.v1.AuthService/GetPrincipals',
+                request_serializer=auth__pb2.GetPrincipalsRequest.SerializeToString,
+                response_deserializer=auth__pb2.GetPrincipalsResponse.FromString,
+                _registered_method=True)
         self.CreateKey = channel.unary_unary(
                 '/tail.auth.v1.AuthService/CreateKey',
                 request_serializer=auth__pb2.CreateKeyRequest.SerializeToString,
@@ -72,6 +77,12 @@ class AuthServiceServicer:
     def VerifyKey(self, request, context):
         """UNAUTHENTICATED for any key that is unknown, revoked or expired (indistinguishably).
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPrincipals(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -114,6 +125,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.VerifyKey,
                     request_deserializer=auth__pb2.VerifyKeyRequest.FromString,
                     response_serializer=auth__pb2.VerifyKeyResponse.SerializeToString,
+            ),
+            'GetPrincipals': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPrincipals,
+                    request_deserializer=auth__pb2.GetPrincipalsRequest.FromString,
+                    response_serializer=auth__pb2.GetPrincipalsResponse.SerializeToString,
             ),
             'CreateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateKey,
@@ -168,6 +184,33 @@ class AuthService:
             '/tail.auth.v1.AuthService/VerifyKey',
             auth__pb2.VerifyKeyRequest.SerializeToString,
             auth__pb2.VerifyKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPrincipals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tail.auth.v1.AuthService/GetPrincipals',
+            auth__pb2.GetPrincipalsRequest.SerializeToString,
+            auth__pb2.GetPrincipalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

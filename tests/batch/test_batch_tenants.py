@@ -3,12 +3,14 @@ tenant's batch or file is a 404, exactly like one that does not exist (never a 4
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import openai
 import pytest
 
-from tests.batch.fixtures import chat_line, jsonl, run_worker, submit, wait_for
+from tail_service.proto import auth_pb2
+from tests.batch.fixtures import chat_line, jsonl, output_lines, run_worker, submit, wait_for
 from tests.conftest import model_entry, serve_app
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.stack_fixtures import Stack
@@ -55,3 +57,41 @@ def test_batches_and_their_files_are_private_to_the_tenant(
         assert theirs.id not in {b.id for b in owner.batches.list()}
         # a cursor naming another tenant's batch reveals nothing either
         assert owner.batches.list(after=theirs.id).data == []
+
+
+def test_revoking_the_key_cancels_its_running_batch(
+    stack: Stack, upstream: FakeOpenAI, upstream_key: str, tmp_path: Path
+) -> None:
+    """The worker checks the key that created a batch while it runs: once it is revoked, no
+    new line runs, and the batch ends ``cancelled`` with its partial results."""
+    upstream.latency = 0.2
+    settings = stack.gateway_settings([model_entry("gpt-test", upstream)], state_dir=tmp_path)
+    key = stack.create_key(tenant="acme")
+    slow = {"chunk_lines": 20, "worker_concurrency": 1, "line_concurrency": 4}
+    with serve_app(settings) as app, run_worker(settings, **slow):
+        client = app.client(api_key=key, _strict_response_validation=True)
+        created = submit(client, jsonl([chat_line(f"r{i}") for i in range(200)]))
+        wait_for(
+            client, created.id, lambda b: b.request_counts is not None and b.request_counts.completed >= 8
+        )
+        admin = app.client(api_key=stack.create_key(tenant="acme"))  # the tenant's other key
+        stack.admin_auth().RevokeKey(auth_pb2.RevokeKeyRequest(id=created_key_id(stack, key)), timeout=5)
+        revoked_at = time.monotonic()
+        batch = wait_for(admin, created.id)
+        errors = output_lines(admin, batch.error_file_id)
+    assert batch.status == "cancelled"
+    assert batch.errors is not None and batch.errors.data is not None
+    assert [e.code for e in batch.errors.data] == ["key_revoked"]
+    assert batch.request_counts is not None
+    done, failed = batch.request_counts.completed, batch.request_counts.failed
+    assert 8 <= done < 200 and done + failed == 200
+    assert {e["error"]["code"] for e in errors} == {"key_revoked"}
+    # lines started after the revocation was seen (within ~2 s) did not reach the upstream
+    late = [r for r in upstream.requests if r.time > revoked_at + 3.0]
+    assert late == []
+
+
+def created_key_id(stack: Stack, key: str) -> str:
+    """The id of ``key`` (by its display prefix, from the admin listing)."""
+    listed = stack.admin_auth().ListKeys(auth_pb2.ListKeysRequest(tenant="acme"), timeout=5)
+    return next(k.id for k in listed.keys if key.startswith(k.prefix))

@@ -249,6 +249,7 @@ def test_identities_are_authorized_per_rpc(
         (tail.RevokeKey, auth_pb2.RevokeKeyRequest(id=made.key.id)),
         (tail.UpdateKey, auth_pb2.UpdateKeyRequest(id=made.key.id, rpm=1)),
         (secrets.VerifyKey, auth_pb2.VerifyKeyRequest(api_key=made.api_key)),
+        (secrets.GetPrincipals, auth_pb2.GetPrincipalsRequest(key_ids=[made.key.id])),
     ]:
         assert rpc_error(method, request).code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.RpcError) as info:
@@ -256,6 +257,26 @@ def test_identities_are_authorized_per_rpc(
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert verify(tail, made.api_key).key_id == made.key.id
     assert not connect(port).ListKeys(auth_pb2.ListKeysRequest(), timeout=5).keys[0].revoked
+
+
+def test_get_principals_gives_only_valid_keys(
+    serve: Callable[..., tuple[AuthService, int]], connect: StubFor
+) -> None:
+    _, port = serve()
+    admin, tail = connect(port), connect(port, "tail")
+    live, gone = create(admin), create(admin)
+    expired = admin.CreateKey(
+        auth_pb2.CreateKeyRequest(tenant="t", expires_at=int(time.time()) + 1), timeout=5
+    )
+    admin.RevokeKey(auth_pb2.RevokeKeyRequest(id=gone.key.id), timeout=5)
+    time.sleep(2.1)  # the clock passes the expiry
+    ids = [live.key.id, gone.key.id, expired.key.id, "key_unknown"]
+    found = tail.GetPrincipals(auth_pb2.GetPrincipalsRequest(key_ids=ids), timeout=5).principals
+    assert [p.key_id for p in found] == [live.key.id]
+    assert found[0].tenant == live.key.tenant
+    with pytest.raises(grpc.RpcError) as info:
+        tail.GetPrincipals(auth_pb2.GetPrincipalsRequest(key_ids=[f"k{i}" for i in range(1001)]), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_health_reports_serving(
