@@ -89,6 +89,7 @@ class KeysAdmin:
         max_concurrency: int,
         expires_at: int,
         response_cache: bool = False,
+        mcp_servers: list[str] | None = None,
     ) -> auth_pb2.CreateKeyResponse:
         req = auth_pb2.CreateKeyRequest(
             name=name,
@@ -97,6 +98,7 @@ class KeysAdmin:
             limits=auth_pb2.Limits(rpm=rpm, tpm=tpm, max_concurrency=max_concurrency),
             expires_at=expires_at,
             response_cache=response_cache,
+            mcp_servers=mcp_servers or [],
         )
         resp: auth_pb2.CreateKeyResponse = _call(self._stub.CreateKey, req)  # type: ignore[assignment]
         return resp

@@ -148,6 +148,9 @@ def keys_create(
     cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="use the response cache by default")
     ] = False,
+    mcp_servers: Annotated[
+        str | None, typer.Option(help="comma-separated MCP servers its agent runs may use [default: all]")
+    ] = None,
     state_dir: StateOpt = None,
     auth_address: AuthAddrOpt = None,
     tls_dir: TlsDirOpt = None,
@@ -164,6 +167,7 @@ def keys_create(
             max_concurrency=max_concurrency,
             expires_at=expires_at,
             response_cache=cache,
+            mcp_servers=_models(mcp_servers),
         )
     typer.echo(f"created key {resp.key.id} ({resp.key.prefix}...) for tenant {resp.key.tenant}", err=True)
     typer.echo("store it now: it is shown only once", err=True)
@@ -185,6 +189,7 @@ def key_record(k: auth_pb2.KeyInfo) -> dict[str, Any]:
         "created_at": k.created_at or None,
         "revoked": k.revoked,
         "response_cache": k.response_cache,
+        "mcp_servers": list(k.mcp_servers),  # empty: every configured MCP server
     }
 
 
@@ -265,11 +270,14 @@ def keys_update(
     cache: Annotated[
         bool | None, typer.Option("--cache/--no-cache", help="use the response cache by default")
     ] = None,
+    mcp_servers: Annotated[
+        str | None, typer.Option(help="comma-separated MCP servers its agent runs may use ('' for all)")
+    ] = None,
     state_dir: StateOpt = None,
     auth_address: AuthAddrOpt = None,
     tls_dir: TlsDirOpt = None,
 ) -> None:
-    """Change a key's limits, label or models."""
+    """Change a key's limits, label, models or MCP servers."""
     from tail_service.proto import auth_pb2
 
     req = auth_pb2.UpdateKeyRequest(id=key_id)
@@ -286,11 +294,15 @@ def keys_update(
         req.allowed_models.extend(_models(models))
     if cache is not None:
         req.response_cache = cache
+    if mcp_servers is not None:
+        req.set_mcp_servers = True
+        req.mcp_servers.extend(_models(mcp_servers))
     with _keys(state_dir, auth_address, tls_dir) as admin:
         info = admin.update(req)
     typer.echo(
         f"updated {info.id}: rpm={info.limits.rpm} tpm={info.limits.tpm} "
-        f"max_concurrency={info.limits.max_concurrency} models={','.join(info.allowed_models) or '*'}"
+        f"max_concurrency={info.limits.max_concurrency} models={','.join(info.allowed_models) or '*'} "
+        f"mcp_servers={','.join(info.mcp_servers) or '*'}"
     )
 
 

@@ -52,6 +52,7 @@ class KeyInfo:
     created_at: int
     updated_at: int
     response_cache: bool = False
+    mcp_servers: tuple[str, ...] = ()  # empty: every configured MCP server
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,7 @@ class VerifiedKey:
     max_concurrency: int
     expires_at: int
     response_cache: bool = False
+    mcp_servers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +105,12 @@ def clean_expires(value: int) -> int:
     return int(value)
 
 
-def clean_models(values: Iterable[str]) -> tuple[str, ...]:
-    """Model ids checked like text, duplicates dropped in order; at most :data:`MAX_MODELS`."""
+def clean_models(values: Iterable[str], field: str = "allowed_models") -> tuple[str, ...]:
+    """Names (model ids, MCP servers) checked like text, duplicates dropped in order; at
+    most :data:`MAX_MODELS`."""
     out: dict[str, None] = {}
     for v in values:
-        out[clean_text("allowed_models entry", v, required=True)] = None
+        out[clean_text(f"{field} entry", v, required=True)] = None
     if len(out) > MAX_MODELS:
-        raise InvalidKeyArgument(f"allowed_models holds more than {MAX_MODELS} models")
+        raise InvalidKeyArgument(f"{field} holds more than {MAX_MODELS} entries")
     return tuple(out)

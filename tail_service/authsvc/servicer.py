@@ -104,6 +104,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 max_concurrency=request.limits.max_concurrency,
                 expires_at=request.expires_at,
                 response_cache=request.response_cache,
+                mcp_servers=list(request.mcp_servers),
             )
         log.info("key created", extra={"key_id": info.id, "tenant": info.tenant, "by": who})
         return auth_pb2.CreateKeyResponse(key=_pb(auth_pb2.KeyInfo, info), api_key=api_key)
@@ -138,7 +139,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 raise InvalidKeyArgument("id is required")
             fields_set = {f: getattr(request, f) for f in _OPTIONAL_FIELDS if request.HasField(f)}
             models = list(request.allowed_models) if request.set_allowed_models else None
-            info = self._store.update(request.id, **fields_set, allowed_models=models)
+            servers = list(request.mcp_servers) if request.set_mcp_servers else None
+            info = self._store.update(request.id, **fields_set, allowed_models=models, mcp_servers=servers)
         self._hub.poke()
         log.info("key updated", extra={"key_id": info.id, "tenant": info.tenant, "by": who})
         return auth_pb2.UpdateKeyResponse(key=_pb(auth_pb2.KeyInfo, info))

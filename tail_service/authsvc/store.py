@@ -42,9 +42,11 @@ from tail_service.db import Migration, migrate
 SERVICE = "auth"
 
 
-def _tables(metadata: sa.MetaData, *, version: int = 2) -> tuple[sa.Table, sa.Table]:
-    """The schema as of ``version`` (1: as first shipped; 2: adds ``response_cache``)."""
+def _tables(metadata: sa.MetaData, *, version: int = 3) -> tuple[sa.Table, sa.Table]:
+    """The schema as of ``version`` (1: as first shipped; 2: adds ``response_cache``; 3 adds
+    ``mcp_servers``)."""
     extra = [sa.Column("response_cache", sa.Boolean, nullable=False, server_default=sa.false())]
+    extra3 = [sa.Column("mcp_servers", sa.Text, nullable=False, server_default="[]")]
     api_keys = sa.Table(
         "api_keys",
         metadata,
@@ -62,6 +64,7 @@ def _tables(metadata: sa.MetaData, *, version: int = 2) -> tuple[sa.Table, sa.Ta
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("updated_at", sa.BigInteger, nullable=False),
         *(extra if version >= 2 else []),
+        *(extra3 if version >= 3 else []),
         sa.Index("ix_api_keys_key_hash", "key_hash", unique=True),
         sa.Index("ix_api_keys_tenant", "tenant"),
     )
@@ -92,7 +95,11 @@ def _v2(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN response_cache BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1, _v2)
+def _v3(conn: Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN mcp_servers TEXT NOT NULL DEFAULT '[]'"))
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3)
 
 
 def _info(row: sa.Row[Any]) -> KeyInfo:
@@ -104,6 +111,7 @@ def _info(row: sa.Row[Any]) -> KeyInfo:
             "allowed_models": tuple(json.loads(m["allowed_models"])),
             "revoked": bool(m["revoked"]),
             "response_cache": bool(m["response_cache"]),
+            "mcp_servers": tuple(json.loads(m["mcp_servers"])),
         }
     )
 
@@ -150,6 +158,7 @@ class KeyStore:
         max_concurrency: int = 0,
         expires_at: int = 0,
         response_cache: bool = False,
+        mcp_servers: Sequence[str] = (),
     ) -> tuple[KeyInfo, str]:
         """Create a key; returns its info and the plaintext, which exists nowhere else afterwards.
 
@@ -174,6 +183,7 @@ class KeyStore:
             "expires_at": expires,
             "revoked": False,
             "response_cache": bool(response_cache),
+            "mcp_servers": json.dumps(list(clean_models(mcp_servers, "mcp_servers"))),
             "created_at": now,
             "updated_at": now,
         }
@@ -241,6 +251,7 @@ class KeyStore:
         expires_at: int | None = None,
         allowed_models: Sequence[str] | None = None,
         response_cache: bool | None = None,
+        mcp_servers: Sequence[str] | None = None,
     ) -> KeyInfo:
         """Change the given fields (``None``: keep) and record an ``updated`` event.
 
@@ -259,6 +270,8 @@ class KeyStore:
             values["allowed_models"] = json.dumps(list(clean_models(allowed_models)))
         if response_cache is not None:
             values["response_cache"] = bool(response_cache)
+        if mcp_servers is not None:
+            values["mcp_servers"] = json.dumps(list(clean_models(mcp_servers, "mcp_servers")))
         if not values:
             return self.get(key_id)
         with self._engine.begin() as conn:

@@ -55,12 +55,14 @@ _LINES_PER_INSERT = 1000
 def principal_to_json(principal: Principal) -> str:
     data = asdict(principal)
     data["allowed_models"] = sorted(principal.allowed_models)
+    data["mcp_servers"] = sorted(principal.mcp_servers)
     return json.dumps(data)
 
 
 def principal_from_json(raw: str) -> Principal:
     data = json.loads(raw)
     data["allowed_models"] = frozenset(data.get("allowed_models") or ())
+    data["mcp_servers"] = frozenset(data.get("mcp_servers") or ())
     return Principal(**data)
 
 

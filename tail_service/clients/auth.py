@@ -79,6 +79,7 @@ def principal_from_proto(p: auth_pb2.Principal) -> Principal:
         max_concurrency=p.limits.max_concurrency,
         expires_at=p.expires_at,
         response_cache=p.response_cache,
+        mcp_servers=frozenset(p.mcp_servers),
     )
 
 

@@ -92,6 +92,11 @@ class Principal:
     expires_at: int = 0
     #: the key's requests use the response cache unless they say ``x-tail-cache: skip``
     response_cache: bool = False
+    #: MCP servers its agent runs may use; empty means every configured one
+    mcp_servers: frozenset[str] = frozenset()
+
+    def allows_mcp_server(self, name: str) -> bool:
+        return not self.mcp_servers or name in self.mcp_servers
 
     def allows(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models

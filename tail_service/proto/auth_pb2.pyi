@@ -18,7 +18,7 @@ class Limits(_message.Message):
     def __init__(self, rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
 
 class Principal(_message.Message):
-    __slots__ = ("key_id", "tenant", "name", "allowed_models", "limits", "expires_at", "response_cache")
+    __slots__ = ("key_id", "tenant", "name", "allowed_models", "limits", "expires_at", "response_cache", "mcp_servers")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class Principal(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     tenant: str
     name: str
@@ -33,10 +34,11 @@ class Principal(_message.Message):
     limits: Limits
     expires_at: int
     response_cache: bool
-    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., name: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., response_cache: _Optional[bool] = ...) -> None: ...
+    mcp_servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., name: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
-    __slots__ = ("id", "name", "tenant", "allowed_models", "limits", "expires_at", "revoked", "prefix", "created_at", "updated_at", "response_cache")
+    __slots__ = ("id", "name", "tenant", "allowed_models", "limits", "expires_at", "revoked", "prefix", "created_at", "updated_at", "response_cache", "mcp_servers")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +50,7 @@ class KeyInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     tenant: str
@@ -59,7 +62,8 @@ class KeyInfo(_message.Message):
     created_at: int
     updated_at: int
     response_cache: bool
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., revoked: _Optional[bool] = ..., prefix: _Optional[str] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., response_cache: _Optional[bool] = ...) -> None: ...
+    mcp_servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., revoked: _Optional[bool] = ..., prefix: _Optional[str] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VerifyKeyRequest(_message.Message):
     __slots__ = ("api_key",)
@@ -74,20 +78,22 @@ class VerifyKeyResponse(_message.Message):
     def __init__(self, principal: _Optional[_Union[Principal, _Mapping]] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("name", "tenant", "allowed_models", "limits", "expires_at", "response_cache")
+    __slots__ = ("name", "tenant", "allowed_models", "limits", "expires_at", "response_cache", "mcp_servers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     tenant: str
     allowed_models: _containers.RepeatedScalarFieldContainer[str]
     limits: Limits
     expires_at: int
     response_cache: bool
-    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., response_cache: _Optional[bool] = ...) -> None: ...
+    mcp_servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("key", "api_key")
@@ -126,7 +132,7 @@ class RevokeKeyResponse(_message.Message):
     def __init__(self, key: _Optional[_Union[KeyInfo, _Mapping]] = ...) -> None: ...
 
 class UpdateKeyRequest(_message.Message):
-    __slots__ = ("id", "rpm", "tpm", "max_concurrency", "name", "expires_at", "set_allowed_models", "allowed_models", "response_cache")
+    __slots__ = ("id", "rpm", "tpm", "max_concurrency", "name", "expires_at", "set_allowed_models", "allowed_models", "response_cache", "set_mcp_servers", "mcp_servers")
     ID_FIELD_NUMBER: _ClassVar[int]
     RPM_FIELD_NUMBER: _ClassVar[int]
     TPM_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +142,8 @@ class UpdateKeyRequest(_message.Message):
     SET_ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
+    SET_MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     rpm: int
     tpm: int
@@ -145,7 +153,9 @@ class UpdateKeyRequest(_message.Message):
     set_allowed_models: bool
     allowed_models: _containers.RepeatedScalarFieldContainer[str]
     response_cache: bool
-    def __init__(self, id: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., name: _Optional[str] = ..., expires_at: _Optional[int] = ..., set_allowed_models: _Optional[bool] = ..., allowed_models: _Optional[_Iterable[str]] = ..., response_cache: _Optional[bool] = ...) -> None: ...
+    set_mcp_servers: bool
+    mcp_servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., name: _Optional[str] = ..., expires_at: _Optional[int] = ..., set_allowed_models: _Optional[bool] = ..., allowed_models: _Optional[_Iterable[str]] = ..., response_cache: _Optional[bool] = ..., set_mcp_servers: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpdateKeyResponse(_message.Message):
     __slots__ = ("key",)

@@ -26,7 +26,10 @@ def cli(
 
 def test_keys_commands(stack: Stack, pki_dir: Path) -> None:
     created = cli(
-        stack, pki_dir, "keys", "create", "--name", "ci", "--tenant", "acme", "--models", "a,b", "--rpm", "5"
+        stack,
+        pki_dir,
+        *("keys", "create", "--name", "ci", "--tenant", "acme", "--models", "a,b", "--rpm", "5"),
+        *("--mcp-servers", "docs,search"),
     )
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]
@@ -36,10 +39,15 @@ def test_keys_commands(stack: Stack, pki_dir: Path) -> None:
     [row] = json.loads(listed.stdout)
     key_id = row["id"]
     assert (row["prefix"], row["name"], row["models"], row["rpm"]) == (key[:12], "ci", ["a", "b"], 5)
+    assert row["mcp_servers"] == ["docs", "search"]
     assert key not in listed.stdout
-    updated = cli(stack, pki_dir, "keys", "update", key_id, "--rpm", "50", "--models", "")
+    updated = cli(
+        stack, pki_dir, "keys", "update", key_id, "--rpm", "50", "--models", "", "--mcp-servers", ""
+    )
     assert updated.returncode == 0, updated.stderr
-    assert "rpm=50" in updated.stdout and "models=*" in updated.stdout
+    assert "rpm=50" in updated.stdout and "models=*" in updated.stdout and "mcp_servers=*" in updated.stdout
+    narrowed = cli(stack, pki_dir, "keys", "update", key_id, "--mcp-servers", "docs")
+    assert narrowed.returncode == 0 and "mcp_servers=docs" in narrowed.stdout
     revoked = cli(stack, pki_dir, "keys", "revoke", key)  # by the key itself
     assert revoked.returncode == 0 and key_id in revoked.stdout
     gone = cli(stack, pki_dir, "keys", "list", "--tenant", "acme")

@@ -65,7 +65,7 @@ def test_keys_list_is_a_headed_aligned_table_and_json(stack: Stack, pki_dir: Pat
     by_name = {r["name"]: r for r in records}
     assert set(by_name["ci"]) == {
         "id", "prefix", "name", "tenant", "models", "rpm", "tpm", "max_concurrency",
-        "expires_at", "created_at", "revoked", "response_cache",
+        "expires_at", "created_at", "revoked", "response_cache", "mcp_servers",
     }  # fmt: skip
     assert by_name["ci"]["models"] == ["a", "b"] and by_name["ci"]["rpm"] == 5
     assert by_name["ci"]["prefix"] == keys["ci"][:12] and by_name["ci"]["revoked"] is False

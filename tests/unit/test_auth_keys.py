@@ -165,8 +165,8 @@ def clock() -> Clock:
 def store(tmp_path: Path, clock: Clock) -> Iterator[KeyStore]:
     engine = make_engine(f"sqlite:///{tmp_path / 'keys.db'}")
     s = KeyStore(engine, PEPPER, clock=clock)
-    assert s.migrate() == 2
-    assert s.migrate() == 2  # idempotent
+    assert s.migrate() == 3
+    assert s.migrate() == 3  # idempotent
     yield s
     engine.dispose()
 
@@ -323,7 +323,8 @@ def test_hub_fans_out_drops_slow_watchers_and_ends_streams_on_stop() -> None:
 
 
 def test_upgrade_from_schema_v1_keeps_keys(tmp_path: Path, clock: Clock) -> None:
-    """A database made by the first release migrates to v2 (response_cache) with its keys intact."""
+    """A database made by the first release migrates to v3 (response_cache, mcp_servers) with
+    its keys intact."""
     from tail_service.authsvc import store as store_mod
     from tail_service.db import migrate
 
@@ -340,9 +341,12 @@ def test_upgrade_from_schema_v1_keeps_keys(tmp_path: Path, clock: Clock) -> None
             {"h": PEPPER.hash_key(api_key)},
         )
     s = KeyStore(engine, PEPPER, clock=clock)
-    assert s.migrate() == 2
+    assert s.migrate() == 3
     principal = s.verify(api_key)
     assert principal is not None and principal.key_id == "key_old" and principal.rpm == 5
-    assert principal.response_cache is False
+    assert principal.response_cache is False and principal.mcp_servers == ()
     assert s.update("key_old", response_cache=True).response_cache is True
+    assert s.update("key_old", mcp_servers=["docs", "docs", "search"]).mcp_servers == ("docs", "search")
+    again = s.verify(api_key)
+    assert again is not None and again.mcp_servers == ("docs", "search")
     engine.dispose()
