@@ -303,6 +303,9 @@ class _DeferredWorker:
             if not self._stopping.is_set():
                 settings = self._settings
                 self._supervisor = start_worker(_worker_settings_json(settings), log_level=settings.log_level)
+        # The child dies with the thread that started it (PR_SET_PDEATHSIG is per thread):
+        # this one lives until `up` stops.
+        self._stopping.wait()
 
     def stop(self) -> None:
         with self._lock:

@@ -184,6 +184,8 @@ def main() -> None:
         children = child_pids(proc.pid)
         auth_pid = next(pid for pid, cmd in children.items() if "auth-service" in cmd)
         os.kill(auth_pid, signal.SIGKILL)
+        # the worker ran undisturbed so far (it once died with the thread that started it)
+        out["worker_exits_before_kill"] = sum("batch-worker exited" in line for line in log_lines)
         worker_pid = next(pid for pid, cmd in children.items() if cmd.endswith("tail_service worker "))
         os.kill(worker_pid, signal.SIGKILL)
         out["cached_key_while_auth_down"] = bool(client2.models.list().data)
