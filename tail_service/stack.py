@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -216,9 +218,17 @@ def read_stack_file(state_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+@functools.cache
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that sets ``PR_SET_PDEATHSIG`` (Linux), or None elsewhere.
+
+    ``prctl`` is looked up here, in the parent: the hook runs in the child between fork and
+    exec, where a ``dlopen`` can deadlock on a loader lock another thread held at the fork
+    (a restarted worker once hung there for good, inside ``Popen``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return functools.partial(prctl, 1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Supervised(Protocol):
@@ -262,7 +272,7 @@ class Child:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             env=self._env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_die_with_parent(),
         )
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True, name=f"{self.name}-log").start()
 
@@ -301,8 +311,7 @@ class RedisChild:
 
     def start(self) -> None:
         self.ready.clear()
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        self.server.start(preexec=preexec)
+        self.server.start(preexec=_die_with_parent())
         self.ready.set()
 
     def stop(self, grace: float = 5.0) -> None:
