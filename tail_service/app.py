@@ -47,6 +47,7 @@ from tail_service.core.inference import InferenceService
 from tail_service.core.provider import Provider
 from tail_service.core.proxy import ModelProxy
 from tail_service.core.routing import ModelRouter
+from tail_service.core.tools import builtin_tools
 from tail_service.core.types import Deployment
 from tail_service.metrics import Metrics, MetricsUsageSink
 from tail_service.providers.registry import Credentials, build_deployments, build_providers
@@ -214,6 +215,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             metrics=core.metrics,
             auth=auth,
             store=core.store,
+            builtin_tools=frozenset(builtin_tools(time.time)),
         )
 
         async def providers_health() -> dict[str, Any]:

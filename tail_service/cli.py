@@ -214,7 +214,7 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
 
 
 def _export_settings(settings: Settings) -> None:
-    os.environ["TAIL_SETTINGS_JSON"] = settings.model_dump_json()
+    os.environ["TAIL_SETTINGS_JSON"] = settings.dump_for_child()
     for name, value in settings.credentials.items():
         os.environ.setdefault(name, value.get_secret_value())
 
@@ -319,7 +319,7 @@ def _worker_settings_json(settings: Settings) -> str:
     through the environment, as :func:`_export_settings` passes them)."""
     for name, value in settings.credentials.items():
         os.environ.setdefault(name, value.get_secret_value())
-    return settings.model_dump_json()
+    return settings.dump_for_child()
 
 
 @cli.command()

@@ -81,3 +81,7 @@ def configure_logging(level: str, *, json: bool) -> None:
     root.setLevel(level.upper())
     # SQLAlchemy echoes every statement when its logger is at INFO; the services poll.
     logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
+    # The MCP SDK and its HTTP client log request URLs (an operator's MCP URL may carry a
+    # token) at INFO and DEBUG; our own MCP client logs the server's name instead.
+    for name in ("httpx2", "httpx", "mcp"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -34,6 +34,8 @@ class Services:
     auth: Authenticator
     #: files, batches and their results (SQLite or PostgreSQL), queried off the event loop
     store: Store
+    #: names of the built-in agent tools (``{"type": "builtin", "name": ...}``)
+    builtin_tools: frozenset[str] = frozenset()
     #: unix time the app started; the ``created`` of every listed model
     started_at: int = field(default_factory=lambda: int(time.time()))
     #: named async checks for ``/health``: each returns a status dict

@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializationInfo,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ProviderName = Literal["openai", "anthropic", "local"]
@@ -273,6 +282,81 @@ class BatchSettings(_Frozen):
     embedded_worker: bool = True
 
 
+class McpServerEntry(_Frozen):
+    """An MCP server agent runs may call, configured by the operator (requests only name it).
+
+    Streamable HTTP (``url``, optional ``headers``) or stdio (``command``, optional ``env``).
+    Header and environment values are secrets: masked in reprs and dumps (the CLI passes
+    them on to its own children with ``context={"reveal_secrets": True}``).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="what requests and key policies call it")
+    #: kept out of reprs: a URL may carry a token
+    url: str | None = Field(
+        default=None, pattern=r"^https?://", repr=False, description="streamable HTTP endpoint"
+    )
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    command: tuple[str, ...] | None = Field(default=None, min_length=1, description="stdio server argv")
+    env: dict[str, SecretStr] = Field(default_factory=dict)
+    #: seconds one tool call may take (default: ``agent.tool_timeout``)
+    timeout: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerEntry:
+        if (self.url is None) == (self.command is None):
+            raise ValueError("give exactly one of url (streamable HTTP) and command (stdio)")
+        if self.headers and self.url is None:
+            raise ValueError("headers apply to url servers only")
+        if self.env and self.command is None:
+            raise ValueError("env applies to command (stdio) servers only")
+        return self
+
+    @field_serializer("headers", "env")
+    def _dump_secrets(self, values: dict[str, SecretStr], info: SerializationInfo) -> dict[str, str]:
+        reveal = bool(info.context and info.context.get("reveal_secrets"))
+        return {k: (v.get_secret_value() if reveal else str(v)) for k, v in values.items()}
+
+
+class Limit(_Frozen):
+    """A per-run limit: what a run gets when it does not ask, and the most it may ask for."""
+
+    default: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _default_within(self) -> Limit:
+        if self.default > self.max:
+            raise ValueError("default must not exceed max")
+        return self
+
+
+class AgentSettings(_Frozen):
+    """Agent runs (``/v1/agentic``): the server policy that caps what a request may ask for."""
+
+    #: model calls in one run
+    max_steps: Limit = Limit(default=10, max=100)
+    #: tool calls in one run (client function calls included)
+    max_tool_calls: Limit = Limit(default=32, max=512)
+    #: seconds a run may work (time paused in ``requires_action`` does not count)
+    max_time_s: Limit = Limit(default=600, max=3600)
+    #: prompt plus completion tokens over all its model calls
+    max_total_tokens: Limit = Limit(default=1_000_000, max=10_000_000)
+    #: tools one run may offer the model
+    max_tools: int = Field(default=128, ge=1, le=1024)
+    #: seconds one tool call may take (built-in, or MCP unless its server says otherwise)
+    tool_timeout: float = Field(default=30.0, gt=0)
+    #: bytes of one tool result kept and sent to the model (the rest is cut, and marked)
+    max_tool_output_bytes: int = Field(default=64 * 1024, ge=256)
+    #: seconds a model call waits at most before it tries again (rate-limited, upstream down)
+    max_backoff: float = Field(default=5.0, gt=0)
+    #: runs one worker works on at once
+    worker_concurrency: int = Field(default=64, ge=1, le=4096)
+    #: seconds between a worker's looks for runs to start
+    start_poll: float = Field(default=0.1, gt=0)
+    #: seconds between an HTTP replica's looks at a run it waits for or streams
+    watch_poll: float = Field(default=0.05, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment, frozen after load."""
 
@@ -289,6 +373,9 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     store: StoreSettings = StoreSettings()
     batch: BatchSettings = BatchSettings()
+    agent: AgentSettings = AgentSettings()
+    #: MCP servers agent runs may call (keys may be limited to some of them)
+    mcp_servers: tuple[McpServerEntry, ...] = ()
     auth_service: AuthServiceSettings = AuthServiceSettings()
     secret_service: SecretServiceSettings = SecretServiceSettings()
     models: tuple[ModelEntry, ...] = ()
@@ -310,6 +397,19 @@ class Settings(BaseSettings):
         # init kwargs (CLI flags) > TAIL_* environment > the YAML file (passed in as
         # ``_FILE_DATA`` context); pydantic-settings deep-merges nested sections.
         return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _unique_mcp_names(self) -> Settings:
+        names = [s.name for s in self.mcp_servers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"mcp_servers: names must be unique ({', '.join(dup)} repeated)")
+        return self
+
+    def dump_for_child(self) -> str:
+        """These settings as JSON for a child process of ours, secrets included (it gets
+        them through its environment, never a command line)."""
+        return self.model_dump_json(context={"reveal_secrets": True})
 
     def model_entries(self) -> tuple[ModelEntry, ...]:
         """The configured models, or the embedded local ones when none are configured."""

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from tail_service.api.body import read_json
 from tail_service.api.deps import authenticate, get_services, json_response, request_id
 from tail_service.api.sse import race_disconnect
-from tail_service.batch.engine import principal_to_json
+from tail_service.core.auth import principal_to_json
 from tail_service.core.batch import LineResult, line_record_id, output_line, run_line
 from tail_service.errors import ConflictError, InvalidRequestError, NotFoundError, RateLimitError
 from tail_service.schemas.batch import CreateBatchRequest, SyncBatchRequest

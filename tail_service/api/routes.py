@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tail_service.api import batches, files, health, inference, models
+from tail_service.api import agentic, batches, files, health, inference, models
+from tail_service.schemas.agentic import AgenticRequest, SubmitRequest
 from tail_service.schemas.batch import CreateBatchRequest, SyncBatchRequest
 from tail_service.schemas.chat import ChatCompletionRequest
 from tail_service.schemas.completions import CompletionRequest
@@ -28,6 +29,11 @@ ROUTES: list[tuple[str, str, Callable[..., Any], type | None, str]] = [
     ("GET", "/v1/batches/{batch_id}", batches.retrieve_batch, None, "Retrieve a batch"),
     ("POST", "/v1/batches/{batch_id}/cancel", batches.cancel_batch, None, "Cancel a batch"),
     ("POST", "/v1/batch", batches.run_batch, SyncBatchRequest, "Run a small batch and answer at once"),
+    ("POST", "/v1/agentic", agentic.create_run, AgenticRequest, "Start an agent run"),
+    ("GET", "/v1/agentic/{run_id}", agentic.retrieve_run, None, "Retrieve an agent run with its steps"),
+    ("POST", "/v1/agentic/{run_id}/cancel", agentic.cancel_run, None, "Cancel an agent run"),
+    ("POST", "/v1/agentic/{run_id}/submit", agentic.submit_run, SubmitRequest, "Continue a paused agent run"),
+    ("GET", "/v1/agentic/{run_id}/events", agentic.run_events, None, "Stream an agent run's events"),
     ("GET", "/health", health.health, None, "Dependencies and their state"),
     ("GET", "/livez", health.livez, None, "Liveness probe"),
     ("GET", "/readyz", health.readyz, None, "Readiness probe"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
@@ -73,18 +73,23 @@ async def race_disconnect(receive: Receive, awaitable: Awaitable[T]) -> T:
 class SSEResponse(Response):
     """Streams ``first`` then the rest of ``chunks`` as SSE, ending with ``[DONE]``.
 
-    A ``Response`` subclass only so frameworks pass it through untouched; it writes
-    its own ASGI messages.
+    ``framer`` turns an item into its SSE bytes (default: a ``data:`` line of JSON);
+    ``done`` is the last frame (``None``: none) and ``error_framer`` frames a failure
+    after the first byte. A ``Response`` subclass only so frameworks pass it through
+    untouched; it writes its own ASGI messages.
     """
 
     def __init__(
         self,
-        first: dict[str, Any],
-        chunks: AsyncGenerator[dict[str, Any], None],
+        first: Any,
+        chunks: AsyncGenerator[Any, None],
         *,
         request_id: str,
         keepalive: float,
         headers: Mapping[str, str] | None = None,
+        framer: Callable[[Any], bytes] = frame,
+        done: bytes | None = DONE,
+        error_framer: Callable[[BaseException, str], bytes] = error_frame,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -92,6 +97,9 @@ class SSEResponse(Response):
         self._chunks = chunks
         self._request_id = request_id
         self._keepalive = keepalive
+        self._framer = framer
+        self._done = done
+        self._error_framer = error_framer
         self._raw = [
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
@@ -121,10 +129,10 @@ class SSEResponse(Response):
         pinger = asyncio.create_task(keepalive()) if self._keepalive > 0 else None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._raw})
-            await emit(frame(self._first))
+            await emit(self._framer(self._first))
             try:
                 async for chunk in self._chunks:
-                    await emit(frame(chunk))
+                    await emit(self._framer(chunk))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -132,8 +140,8 @@ class SSEResponse(Response):
                     log.exception("stream failed", exc_info=exc)
                 else:
                     log.warning("stream failed after the first byte: %s", exc.message)
-                await emit(error_frame(exc, self._request_id))
-            await emit(DONE, more=False)
+                await emit(self._error_framer(exc, self._request_id))
+            await emit(self._done or b"", more=False)
         except asyncio.CancelledError:
             if not (disconnected and task.uncancel() == 0):
                 raise

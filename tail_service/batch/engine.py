@@ -22,11 +22,10 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 
 import orjson
 
-from tail_service.core.auth import KeyDirectory
+from tail_service.core.auth import KeyDirectory, principal_from_json
 from tail_service.core.batch import (
     InputChecker,
     line_record_id,
@@ -50,20 +49,6 @@ OUTPUT_TTL = 30 * 86_400
 KEY_RECHECK = 2.0
 #: input lines stored per insert while validating
 _LINES_PER_INSERT = 1000
-
-
-def principal_to_json(principal: Principal) -> str:
-    data = asdict(principal)
-    data["allowed_models"] = sorted(principal.allowed_models)
-    data["mcp_servers"] = sorted(principal.mcp_servers)
-    return json.dumps(data)
-
-
-def principal_from_json(raw: str) -> Principal:
-    data = json.loads(raw)
-    data["allowed_models"] = frozenset(data.get("allowed_models") or ())
-    data["mcp_servers"] = frozenset(data.get("mcp_servers") or ())
-    return Principal(**data)
 
 
 def output_file_id(batch_id: str, kind: str) -> str:

@@ -1,12 +1,12 @@
-"""``tail-service worker``: a batch worker process.
+"""``tail-service worker``: a worker process for batches and agent runs.
 
 It builds the same model proxy and admission as the HTTP service (lines are charged to
 their key's limits at batch priority), opens the store, and launches DBOS in its event
 loop. Alongside the workflows it runs three small loops:
 
-* **start**: batches created through the API are rows in the store; the worker starts
-  each one's workflow (workflow id = batch id, so two workers starting the same batch
-  start it once) and marks it started;
+* **start**: batches and agent runs created through the API are rows in the store; the
+  worker enqueues each one's workflow (workflow id = batch id, or ``<run id>.<segment>``,
+  so two workers starting the same one start it once) and marks it started;
 * **heartbeat**: every ``heartbeat_interval`` the worker refreshes its row in
   ``batch_workers``;
 * **take over**: a worker whose heartbeat is older than ``dead_after`` is dead. The first
@@ -31,11 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+from tail_service.agent.engine import AgentEngine
 from tail_service.app import _Closers, build_core
 from tail_service.batch import workflows
 from tail_service.batch.engine import BatchEngine
 from tail_service.clients.auth import AuthClient
 from tail_service.clients.grpc_channel import ReloadingChannel
+from tail_service.clients.mcp import McpClient
 from tail_service.db import normalize_url
 from tail_service.settings import Settings
 
@@ -95,9 +97,22 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             keys = AuthClient(ReloadingChannel(settings.auth.address, settings.auth.tls), settings.auth)
             closers.add("the auth-service client", keys.close)
         engine = BatchEngine(settings.batch, core.store, core.inference, keys=keys)
+        mcp = McpClient(
+            settings.mcp_servers,
+            tool_timeout=settings.agent.tool_timeout,
+            max_output_bytes=settings.agent.max_tool_output_bytes,
+        )
+        closers.add("the MCP client", mcp.aclose)
+        agent = AgentEngine(
+            settings.agent,
+            core.store,
+            core.inference,
+            mcp,
+            default_max_tokens=settings.ratelimit.default_max_tokens,
+        )
         me = executor_id(settings)
         config = workflows.dbos_config(system_database_url(settings), me, settings.log_level)
-        flows = await workflows.launch(engine, config)
+        flows, agent_flows = await workflows.launch(engine, config, agent)
         closers.add("DBOS", _stop_dbos)
         store, batches, files = core.store, engine.batches, engine.files
         started_at, host, pid = int(time.time()), socket.gethostname(), os.getpid()
@@ -117,6 +132,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                 await flows.set_chunk_polling(busy, settings.batch.worker_concurrency)
                 polling_busy = busy
 
+        async def start_runs() -> None:
+            for run_id, segment in await store.run(agent.runs.to_start):
+                await agent_flows.start(run_id, segment)
+                await store.run(agent.runs.mark_started, run_id, segment)
+
         async def take_over() -> None:
             dead = await store.run(batches.dead_workers, time.time(), settings.batch.dead_after)
             for other, last_seen in dead:
@@ -134,6 +154,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         loops = [
             asyncio.create_task(_every(settings.batch.heartbeat_interval, "heartbeat", beat)),
             asyncio.create_task(_every(START_POLL, "starting new batches", start_new)),
+            asyncio.create_task(_every(settings.agent.start_poll, "starting agent runs", start_runs)),
             asyncio.create_task(_every(settings.batch.dead_after / 3, "taking over dead workers", take_over)),
             asyncio.create_task(_every(PURGE_INTERVAL, "purging expired files", purge)),
         ]

@@ -19,6 +19,9 @@ from typing import Any
 from dbos import DBOS, DBOSConfig, Queue, SetWorkflowID
 
 from tail_service import __version__
+from tail_service.agent import workflows as agent_workflows
+from tail_service.agent.engine import AgentEngine
+from tail_service.agent.workflows import AgentWorkflows
 from tail_service.batch.engine import BatchEngine
 
 #: the queue of batch workflows (each mostly waits for its chunks)
@@ -106,10 +109,14 @@ def dbos_config(system_database_url: str, executor_id: str, log_level: str) -> D
     }
 
 
-async def launch(engine: BatchEngine, config: DBOSConfig) -> Workflows:
-    """Register the workflows, start DBOS in this event loop (its workflows run on it),
-    and register the queues. DBOS then recovers this executor's own unfinished work."""
+async def launch(
+    engine: BatchEngine, config: DBOSConfig, agent: AgentEngine
+) -> tuple[Workflows, AgentWorkflows]:
+    """Register the workflows (batches and agent runs), start DBOS in this event loop (its
+    workflows run on it), and register the queues. DBOS then recovers this executor's own
+    unfinished work."""
     batch, chunk = register(engine)
+    segment = agent_workflows.register(agent)
     DBOS(config=config)
     DBOS.launch()
     batch_queue = await DBOS.register_queue_async(
@@ -121,7 +128,8 @@ async def launch(engine: BatchEngine, config: DBOSConfig) -> Workflows:
         polling_interval_sec=CHUNK_POLL_IDLE,
         on_conflict="always_update",
     )
-    return Workflows(batch, chunk, batch_queue, chunk_queue)
+    agent_queue = await agent_workflows.register_queue(agent.settings.worker_concurrency)
+    return Workflows(batch, chunk, batch_queue, chunk_queue), AgentWorkflows(segment, agent_queue)
 
 
 def recover(executor_id: str) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from dataclasses import asdict
 from typing import Protocol
 
 from tail_service.core.types import Principal
@@ -33,3 +35,17 @@ def check_model_access(principal: Principal, model: str) -> None:
     """403 when the key may not use ``model`` (the model's existence is checked later)."""
     if not principal.allows(model):
         raise PermissionDeniedError(f"This API key is not allowed to use the model `{model}`.", param="model")
+
+
+def principal_to_json(principal: Principal) -> str:
+    data = asdict(principal)
+    data["allowed_models"] = sorted(principal.allowed_models)
+    data["mcp_servers"] = sorted(principal.mcp_servers)
+    return json.dumps(data)
+
+
+def principal_from_json(raw: str) -> Principal:
+    data = json.loads(raw)
+    data["allowed_models"] = frozenset(data.get("allowed_models") or ())
+    data["mcp_servers"] = frozenset(data.get("mcp_servers") or ())
+    return Principal(**data)

@@ -201,7 +201,7 @@ class LineResult:
 
 
 #: failures worth running a batch line again for (the rest are the line's answer)
-_TRANSIENT = (RateLimitError, UpstreamUnavailableError, UpstreamConnectionError, UpstreamTimeoutError)
+TRANSIENT = (RateLimitError, UpstreamUnavailableError, UpstreamConnectionError, UpstreamTimeoutError)
 
 
 def _usage_details(usage: Any) -> tuple[int, int]:
@@ -243,7 +243,7 @@ async def execute_line(
         answer = await (inference.embed(req) if kind is Endpoint.EMBEDDING else inference.complete(req))
     except TailError as exc:
         retry = None
-        if isinstance(exc, _TRANSIENT):
+        if isinstance(exc, TRANSIENT):
             retry = exc.retry_after if exc.retry_after is not None else 1.0
         return LineResult(exc.http_status, exc.body(), request_id, retry_after=retry)
     cached, reasoning = _usage_details(answer.body.get("usage"))

@@ -28,6 +28,16 @@ import orjson
 MAX_ARGUMENTS_BYTES = 64 * 1024
 
 
+def cut_text(text: str, max_bytes: int) -> str:
+    """``text`` in at most ``max_bytes`` UTF-8 bytes (never splitting a character), with a
+    marker saying how much was cut."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    kept = data[:max_bytes].decode(errors="ignore")
+    return f"{kept}\n[output truncated: {len(data) - len(kept.encode())} bytes omitted]"
+
+
 class ToolError(Exception):
     """A tool's failure, reported to the model as the tool's result (the run goes on)."""
 

@@ -1,5 +1,6 @@
 """The store's tables: files (content in chunks), batches, their input lines and results,
-and the batch workers' heartbeats. One schema for SQLite and PostgreSQL (SQLAlchemy Core).
+the workers' heartbeats, and agent runs with their steps and stream events. One schema for
+SQLite and PostgreSQL (SQLAlchemy Core).
 
 Times are unix seconds. A file's bytes are rows of ``file_chunks`` so every worker on
 every machine reads them from the one store. ``batch_results`` has one row per
@@ -121,8 +122,88 @@ workers = sa.Table(
 )
 
 
+agent_runs = sa.Table(
+    "agent_runs",
+    metadata,
+    sa.Column("id", sa.String(_ID), primary_key=True),
+    sa.Column("tenant", sa.String(256), nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    #: the creating key's policy and limits (JSON), charged for every model call
+    sa.Column("principal", sa.Text, nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("status", sa.String(24), nullable=False),
+    sa.Column("background", sa.Boolean, nullable=False),
+    #: the validated request (sampling fields, tool choice, the tools asked for, limits)
+    sa.Column("request", sa.Text, nullable=False),
+    #: the tools the model is offered, resolved when the run starts (MCP tools listed)
+    sa.Column("tools", sa.Text, nullable=True),
+    #: the conversation so far (chat-completions messages)
+    sa.Column("messages", sa.Text, nullable=False),
+    #: the step number the run goes on with: a step applies its result only when it
+    #: matches (a step run again after a crash changes nothing twice)
+    sa.Column("next_step", sa.Integer, nullable=False, server_default="0"),
+    #: what comes next: ``model`` (a model call), ``tools`` (the pending tool steps), ``wait``
+    #: (paused for the client), or ``end``
+    sa.Column("phase", sa.String(16), nullable=False, server_default="model"),
+    sa.Column("model_calls", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("tool_calls", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("prompt_tokens", _BigInt, nullable=False, server_default="0"),
+    sa.Column("completion_tokens", _BigInt, nullable=False, server_default="0"),
+    #: milliseconds worked in finished segments (time paused for the client does not count)
+    sa.Column("worked_ms", _BigInt, nullable=False, server_default="0"),
+    #: each pause for the client starts a new segment (a new workflow ``<id>.<segment>``)
+    sa.Column("segment", sa.Integer, nullable=False, server_default="0"),
+    #: the segment a worker has started
+    sa.Column("started_segment", sa.Integer, nullable=False, server_default="-1"),
+    sa.Column("segment_started_at", sa.Float, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("required_action", sa.Text, nullable=True),
+    sa.Column("output", sa.Text, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("incomplete_reason", sa.String(32), nullable=True),
+    sa.Column("metadata", sa.Text, nullable=True),
+    #: the sequence number the next stream event gets
+    sa.Column("next_seq", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("started_at", sa.BigInteger, nullable=True),
+    sa.Column("completed_at", sa.BigInteger, nullable=True),
+    sa.Index("ix_agent_runs_tenant_created", "tenant", "created_at", "id"),
+    sa.Index("ix_agent_runs_start", "started_segment", "segment"),
+)
+
+agent_steps = sa.Table(
+    "agent_steps",
+    metadata,
+    sa.Column("run_id", sa.String(_ID), primary_key=True),
+    sa.Column("step_no", sa.Integer, primary_key=True),
+    #: ``model_call`` or ``tool_call``
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(24), nullable=False),
+    #: the step as the API shows it (JSON)
+    sa.Column("data", sa.Text, nullable=False),
+)
+
+agent_events = sa.Table(
+    "agent_events",
+    metadata,
+    sa.Column("run_id", sa.String(_ID), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("type", sa.String(32), nullable=False),
+    #: the event as sent (JSON bytes)
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+_V1_TABLES = ("files", "file_chunks", "batches", "batch_lines", "batch_results", "batch_workers")
+_V2_TABLES = ("agent_runs", "agent_steps", "agent_events")
+
+
 def _v1(conn: Connection) -> None:
-    metadata.create_all(conn)
+    metadata.create_all(conn, tables=[metadata.tables[name] for name in _V1_TABLES])
 
 
-MIGRATIONS: list[Migration] = [_v1]
+def _v2(conn: Connection) -> None:
+    """Agent runs, their steps and their stream events."""
+    metadata.create_all(conn, tables=[metadata.tables[name] for name in _V2_TABLES])
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2]

@@ -40,7 +40,7 @@ def run_worker(settings: Settings, executor_id: str = "worker-1", **batch: Any) 
     configured = settings.model_copy(
         update={"batch": settings.batch.model_copy(update={"executor_id": executor_id, **batch})}
     )
-    env = {**os.environ, "TAIL_SETTINGS_JSON": configured.model_dump_json()}
+    env = {**os.environ, "TAIL_SETTINGS_JSON": configured.dump_for_child()}
     with run_tail(["worker"], env, ready=r"batch worker ready") as running:
         try:
             yield running

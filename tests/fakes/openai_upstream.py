@@ -105,6 +105,8 @@ class FakeOpenAI:
         self.embedding_dim = embedding_dim
         self.omit_usage = False  # True: ignore stream_options.include_usage
         self.latency = 0.0  # seconds every inference request waits before it is answered
+        # answers chat requests instead of the default plan (a scripted agent model)
+        self.script: Callable[[dict[str, Any]], list[_sse.ChoicePlan]] | None = None
         self.base_url = ""  # "http://127.0.0.1:PORT/v1", set once listening
         self.port = 0
         self.requests: list[RecordedRequest] = []
@@ -332,7 +334,7 @@ class FakeOpenAI:
         n = body.get("n") or 1
         if not isinstance(n, int) or not 1 <= n <= 128:
             raise _sse.BadRequest(f"Invalid 'n': {n!r}. Expected an integer between 1 and 128.", "n")
-        plans = _sse.plan_chat(body, self.name, self._call_ids)
+        plans = self.script(body) if self.script else _sse.plan_chat(body, self.name, self._call_ids)
         base = self._base(body, "chatcmpl-")
         if not body.get("stream"):
             return await self._respond(request, rec, _sse.chat_response(body, plans, base), fault)

@@ -1,0 +1,436 @@
+"""``/v1/agentic``: server-side agent runs (create, retrieve, cancel, submit, events).
+
+A created run is a row in the store plus its first stream event; a worker runs it (see
+:mod:`tail_service.agent.workflows`). This module only validates, stores, and watches:
+``background`` runs return at once, others wait until the run rests (ends, or pauses for
+the client), and ``stream`` runs tail the run's stored events as SSE. Because events are
+stored, ``GET /v1/agentic/{id}/events?after=N`` replays a stream after a disconnect.
+
+Every route is scoped to the caller's tenant: another tenant's run is a 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tail_service.api.body import read_json
+from tail_service.api.deps import authenticate, get_services, json_response, request_id
+from tail_service.api.sse import SSEResponse, race_disconnect
+from tail_service.core.agent import END_EVENTS, RESTING, TERMINAL, resolve_limits
+from tail_service.core.auth import check_model_access, principal_to_json
+from tail_service.core.tools import check_schema, cut_text
+from tail_service.core.types import Endpoint, Principal
+from tail_service.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    TailError,
+)
+from tail_service.schemas.agentic import SAMPLING_FIELDS, AgenticRequest, SubmitRequest
+from tail_service.schemas.chat import ChatCompletionRequest
+from tail_service.schemas.common import parse_as, parse_body
+from tail_service.services import Services
+from tail_service.store.agent import AgentStore, NewStep, RunRow, StepRow, dumps
+
+#: fields of an MCP tool that would let a request choose where the server connects
+_LOCATION_FIELDS = ("server_url", "url", "command", "headers", "env", "connector_id", "authorization")
+#: the events that end a stream
+_END_TYPES = frozenset(END_EVENTS.values())
+#: longest wait between two looks at a run being waited for
+_MAX_POLL = 0.5
+
+
+def new_run_id() -> str:
+    """``run_`` + the creation time in nanoseconds + randomness (ids sort by creation)."""
+    return f"run_{time.time_ns():016x}{os.urandom(8).hex()}"
+
+
+def _no_such_run(run_id: str) -> NotFoundError:
+    return NotFoundError(f"No such run: {run_id}", param="run_id")
+
+
+def _runs(services: Services) -> AgentStore:
+    return AgentStore(services.store)
+
+
+def _check_locations(body: Any) -> None:
+    """A request may only name an MCP server the operator configured, never a location:
+    a URL or command from a client would make the server connect wherever it is told."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    if not isinstance(tools, list):
+        return
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "mcp":
+            continue
+        for name in _LOCATION_FIELDS:
+            if name in tool:
+                raise InvalidRequestError(
+                    f"Invalid 'tools[{i}].{name}': MCP servers are configured by the operator; "
+                    "name one with 'server'. A request may not give a URL, command or credentials.",
+                    param=f"tools[{i}].{name}",
+                    code="mcp_server_location_not_allowed",
+                )
+
+
+def _check_tools(
+    req: AgenticRequest, principal: Principal, services: Services, builtins: frozenset[str]
+) -> None:
+    configured = {s.name for s in services.settings.mcp_servers}
+    names: dict[str, int] = {}
+    for i, tool in enumerate(req.tools):
+        if tool.type == "function":
+            name = tool.function.name
+            if tool.function.parameters is not None:
+                try:
+                    check_schema(tool.function.parameters)
+                except ValueError as exc:
+                    raise InvalidRequestError(
+                        f"Invalid 'tools[{i}].function.parameters': {exc}.",
+                        param=f"tools[{i}].function.parameters",
+                    ) from None
+        elif tool.type == "builtin":
+            name = tool.name
+            if name not in builtins:
+                raise InvalidRequestError(
+                    f"Invalid 'tools[{i}].name': there is no built-in tool '{name}'. "
+                    f"Built-in tools: {', '.join(sorted(builtins))}.",
+                    param=f"tools[{i}].name",
+                )
+        else:
+            if tool.server not in configured:
+                raise InvalidRequestError(
+                    f"Invalid 'tools[{i}].server': no MCP server '{tool.server}' is configured"
+                    + (f" (configured: {', '.join(sorted(configured))})." if configured else "."),
+                    param=f"tools[{i}].server",
+                    code="unknown_mcp_server",
+                )
+            if not principal.allows_mcp_server(tool.server):
+                raise PermissionDeniedError(
+                    f"This API key is not allowed to use the MCP server '{tool.server}'.",
+                    param=f"tools[{i}].server",
+                    code="mcp_server_not_allowed",
+                )
+            continue
+        if name in names:
+            raise InvalidRequestError(
+                f"Invalid 'tools[{i}]': tools[{names[name]}] has the same name '{name}'.",
+                param=f"tools[{i}]",
+            )
+        names[name] = i
+
+
+def _chat_check(req: AgenticRequest, body: Mapping[str, Any], messages: list[Any]) -> dict[str, Any]:
+    """The sampling fields, checked (with the messages) exactly as chat completions checks them."""
+    sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
+    chat: dict[str, Any] = {"model": req.model, "messages": messages, **sampling}
+    functions = [t.model_dump(exclude_none=True) for t in req.tools if t.type == "function"]
+    if functions:
+        chat["tools"] = functions
+    if req.tool_choice is not None:
+        chat["tool_choice"] = req.tool_choice
+    try:
+        parse_body(ChatCompletionRequest, chat)
+    except InvalidRequestError as exc:
+        if req.messages is None and (exc.param or "").startswith("messages"):
+            exc.param = "input"  # the messages were made from it
+        raise
+    return sampling
+
+
+async def create_run(request: Request) -> Response:
+    """``POST /v1/agentic``: store the run (``queued``); a worker runs it."""
+    services = get_services(request)
+    principal = await authenticate(request, services)
+    body, _ = await read_json(request, services.settings.server, services.large_body_gate)
+    _check_locations(body)
+    req = parse_as(AgenticRequest, body)
+    if (req.messages is None) == (req.input is None):
+        raise InvalidRequestError(
+            "Give exactly one of 'messages' and 'input'.",
+            param="messages" if req.messages is not None else "input",
+            code="missing_required_parameter" if req.messages is None else "invalid_value",
+        )
+    check_model_access(principal, req.model)
+    services.router.deployments(req.model, Endpoint.CHAT)  # 404 / 400 now, not in the run
+    _check_tools(req, principal, services, services.builtin_tools)
+    messages = req.messages if req.messages is not None else [{"role": "user", "content": req.input}]
+    sampling = _chat_check(req, body, messages)
+    policy = services.settings.agent
+    limits = resolve_limits(
+        {
+            "max_steps": req.max_steps,
+            "max_tool_calls": req.max_tool_calls,
+            "max_time_s": req.max_time_s,
+            "max_total_tokens": req.max_total_tokens,
+        },
+        {
+            "max_steps": (policy.max_steps.default, policy.max_steps.max),
+            "max_tool_calls": (policy.max_tool_calls.default, policy.max_tool_calls.max),
+            "max_time_s": (policy.max_time_s.default, policy.max_time_s.max),
+            "max_total_tokens": (policy.max_total_tokens.default, policy.max_total_tokens.max),
+        },
+    )
+    run_request = {
+        "tools": [t.model_dump(exclude_none=True) for t in req.tools],
+        "tool_choice": req.tool_choice,
+        "sampling": sampling,
+        "limits": limits.to_dict(),
+    }
+    now = int(time.time())
+    values = {
+        "id": new_run_id(),
+        "tenant": principal.tenant,
+        "key_id": principal.key_id,
+        "principal": principal_to_json(principal),
+        "model": req.model,
+        "status": "queued",
+        "background": req.background,
+        "request": dumps(run_request),
+        "messages": dumps(messages),
+        "segment": 0,
+        "metadata": dumps(req.metadata) if req.metadata else None,
+        "created_at": now,
+    }
+    runs = _runs(services)
+    row = RunRow(
+        **{**_defaults(), **values},  # the row as stored, for the first event
+    )
+    await services.store.run(runs.create, values, [("run.created", {"run": row.to_openai()})])
+    return await _answer(request, services, row.id, stream=req.stream, background=req.background, after=-1)
+
+
+def _defaults() -> dict[str, Any]:
+    """Column defaults of a new run (as the table's server defaults set them)."""
+    return {
+        "tools": None,
+        "next_step": 0,
+        "phase": "model",
+        "model_calls": 0,
+        "tool_calls": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "worked_ms": 0,
+        "started_segment": -1,
+        "segment_started_at": None,
+        "cancel_requested": False,
+        "required_action": None,
+        "output": None,
+        "error": None,
+        "incomplete_reason": None,
+        "next_seq": 0,
+        "started_at": None,
+        "completed_at": None,
+    }
+
+
+async def _answer(
+    request: Request, services: Services, run_id: str, *, stream: bool, background: bool, after: int
+) -> Response:
+    """A run just queued: at once (``background``), as a stream, or once it rests."""
+    if stream:
+        return await _event_stream(request, services, run_id, after)
+    if not background:
+        await race_disconnect(request.receive, _until_resting(services, run_id))
+    return await _render(services, run_id)
+
+
+async def _render(services: Services, run_id: str) -> Response:
+    runs = _runs(services)
+    row = await services.store.run(runs.get_any, run_id)
+    if row is None:
+        raise _no_such_run(run_id)
+    steps = await services.store.run(runs.steps, run_id)
+    return json_response(row.to_openai(steps))
+
+
+async def _until_resting(services: Services, run_id: str) -> None:
+    """Wait until the run ends or pauses (bounded by the server's request timeout; the run
+    goes on either way)."""
+    runs = _runs(services)
+    deadline = time.monotonic() + services.settings.server.request_timeout
+    poll = services.settings.agent.watch_poll
+    while time.monotonic() < deadline:
+        row = await services.store.run(runs.get_any, run_id)
+        if row is None or row.status in RESTING:
+            return
+        await asyncio.sleep(poll)
+        poll = min(poll * 1.5, _MAX_POLL)
+
+
+async def _events(services: Services, run_id: str, after: int) -> AsyncGenerator[tuple[str, bytes], None]:
+    """The run's events numbered above ``after``, as they are stored, up to the next event
+    that ends a stream; or none if the run rests and has nothing newer."""
+    runs = _runs(services)
+    poll = services.settings.agent.watch_poll
+    deadline = time.monotonic() + services.settings.server.request_timeout
+    while time.monotonic() < deadline:
+        found = await services.store.run(runs.events, run_id, after)
+        for seq, kind, data in found:
+            after = seq
+            yield kind, data
+            if kind in _END_TYPES:
+                return
+        if found:
+            poll = services.settings.agent.watch_poll
+            continue
+        row = await services.store.run(runs.get_any, run_id)
+        if row is None or (row.status in RESTING and row.next_seq - 1 <= after):
+            return
+        await asyncio.sleep(poll)
+        poll = min(poll * 1.5, _MAX_POLL)
+
+
+def _frame(item: tuple[str, bytes]) -> bytes:
+    kind, data = item
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def _error_frame(exc: BaseException, rid: str) -> bytes:
+    error = exc if isinstance(exc, TailError) else TailError(f"The stream failed (request id {rid}).")
+    return b"event: error\ndata: " + orjson.dumps({"type": "error", **error.body()}) + b"\n\n"
+
+
+async def _event_stream(request: Request, services: Services, run_id: str, after: int) -> Response:
+    events = _events(services, run_id, after)
+    first = await race_disconnect(request.receive, anext(events, None))
+    if first is None:
+        await events.aclose()
+        return Response(b"", media_type="text/event-stream")
+    return SSEResponse(
+        first,
+        events,
+        request_id=request_id(request),
+        keepalive=services.settings.server.sse_keepalive,
+        framer=_frame,
+        done=None,
+        error_framer=_error_frame,
+    )
+
+
+async def _owned(request: Request) -> tuple[Services, Principal, RunRow]:
+    services = get_services(request)
+    principal = await authenticate(request, services)
+    run_id = request.path_params["run_id"]
+    row = await services.store.run(_runs(services).get, principal.tenant, run_id)
+    if row is None:
+        raise _no_such_run(run_id)
+    return services, principal, row
+
+
+async def retrieve_run(request: Request) -> Response:
+    """``GET /v1/agentic/{run_id}``: the run with its steps."""
+    services, _, row = await _owned(request)
+    return await _render(services, row.id)
+
+
+async def cancel_run(request: Request) -> Response:
+    """``POST /v1/agentic/{run_id}/cancel``: a queued or paused run ends now; a working
+    one stops before its next step."""
+    services, principal, row = await _owned(request)
+    if row.status in TERMINAL and row.status != "cancelled":
+        raise ConflictError(
+            f"Cannot cancel a run with status `{row.status}`.", param="run_id", code="run_not_cancellable"
+        )
+    await services.store.run(_runs(services).request_cancel, principal.tenant, row.id, int(time.time()))
+    return await _render(services, row.id)
+
+
+async def run_events(request: Request) -> Response:
+    """``GET /v1/agentic/{run_id}/events?after=N``: the run's stream events after ``N``
+    (all of them without ``after``), then live ones until the stream's end event."""
+    services, _, row = await _owned(request)
+    raw = request.query_params.get("after")
+    after = -1
+    if raw is not None:
+        try:
+            after = int(raw)
+        except ValueError:
+            after = -2
+        if after < -1:
+            raise InvalidRequestError("Invalid 'after': must be an integer of -1 or more.", param="after")
+    return await _event_stream(request, services, row.id, after)
+
+
+async def submit_run(request: Request) -> Response:
+    """``POST /v1/agentic/{run_id}/submit``: the outputs of the client's tool calls and the
+    approvals the run waits for; the run goes on in a new segment."""
+    services, _, row = await _owned(request)
+    body, _ = await read_json(request, services.settings.server, services.large_body_gate)
+    req = parse_as(SubmitRequest, body)
+    if row.status != "requires_action":
+        raise ConflictError(
+            f"The run is not waiting for tool outputs or approvals (status `{row.status}`).",
+            param="run_id",
+            code="run_not_waiting",
+        )
+    runs = _runs(services)
+    waiting = {
+        s.data["tool_call_id"]: s
+        for s in await services.store.run(runs.steps, row.id)
+        if s.status in ("awaiting_output", "awaiting_approval")
+    }
+    answered: dict[str, NewStep] = {}
+
+    def take(field: str, i: int, call_id: str, want: str) -> dict[str, Any]:
+        step: StepRow | None = waiting.get(call_id)
+        what = "an output" if want == "awaiting_output" else "an approval"
+        if step is None or step.status != want:
+            raise InvalidRequestError(
+                f"Invalid '{field}[{i}].tool_call_id': the run does not wait for {what} of '{call_id}'.",
+                param=f"{field}[{i}].tool_call_id",
+            )
+        if call_id in answered:
+            raise InvalidRequestError(
+                f"Invalid '{field}[{i}].tool_call_id': '{call_id}' is answered twice.",
+                param=f"{field}[{i}].tool_call_id",
+            )
+        return {"step_no": step.step_no, **step.data}
+
+    max_bytes = services.settings.agent.max_tool_output_bytes
+    for i, out in enumerate(req.tool_outputs):
+        data = take("tool_outputs", i, out.tool_call_id, "awaiting_output")
+        data.update(status="completed", output=cut_text(out.output, max_bytes))
+        answered[out.tool_call_id] = (data.pop("step_no"), "tool_call", "completed", data)
+    for i, approval in enumerate(req.approvals):
+        data = take("approvals", i, approval.tool_call_id, "awaiting_approval")
+        if approval.approve:
+            data.update(status="pending", approved=True)
+        else:
+            reason = approval.reason
+            denial = "The user denied this tool call" + (f": {reason}" if reason else ".")
+            data.update(status="denied", approved=False, error=denial)
+        answered[approval.tool_call_id] = (data.pop("step_no"), "tool_call", data["status"], data)
+    missing = sorted(set(waiting) - set(answered))
+    if missing:
+        raise InvalidRequestError(
+            f"The run also waits for: {', '.join(missing)}. Submit every output and approval at once.",
+            param="tool_outputs" if waiting[missing[0]].status == "awaiting_output" else "approvals",
+            code="missing_required_parameter",
+        )
+    values = {
+        "status": "queued",
+        "phase": "tools",
+        "segment": row.segment + 1,
+        "required_action": None,
+    }
+    where = {"status": "requires_action", "segment": row.segment, "next_step": row.next_step}
+    submitted = {"tool_call_ids": sorted(answered)}
+    done = await services.store.run(
+        runs.advance, row.id, where, values, [("run.submitted", submitted)], list(answered.values())
+    )
+    if not done:
+        raise ConflictError(
+            "The run was submitted to or cancelled meanwhile.", param="run_id", code="run_not_waiting"
+        )
+    # nothing else writes events while a run waits: ``run.submitted`` got ``next_seq``
+    after = row.next_seq - 1
+    return await _answer(request, services, row.id, stream=req.stream, background=req.background, after=after)

@@ -1,0 +1,230 @@
+"""Calls to operator-configured MCP servers (the ``mcp`` SDK 2.x), for server-side agent runs.
+
+Each call opens its own session (streamable HTTP, or a stdio child process), negotiates,
+makes the one request and closes again, all within the server's ``timeout`` (default
+``agent.tool_timeout``); nothing is pooled. A stdio child is always stopped and reaped by
+the SDK's transport, also on timeout or cancellation.
+
+Every failure is a :class:`~tail_service.core.tools.ToolError` the model reads. Its text,
+and the log lines here, name the server only: never its URL (which may carry a token),
+its header or environment values, or its command line. Those values are also scrubbed
+from whatever the server answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx2
+import orjson
+from mcp import Client, MCPError, StdioServerParameters
+from mcp.client import Transport
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import (
+    CONNECTION_CLOSED,
+    AudioContent,
+    CallToolResult,
+    EmbeddedResource,
+    ImageContent,
+    Implementation,
+    ResourceLink,
+    TextContent,
+    TextResourceContents,
+)
+from pydantic import ValidationError
+
+from tail_service import __version__
+from tail_service.core.tools import ToolError, ToolSpec, cut_text
+from tail_service.settings import McpServerEntry
+
+__all__ = ["McpClient", "render_result"]
+
+log = logging.getLogger("tail_service.clients.mcp")
+
+#: most pages of ``tools/list`` followed (a server whose cursor never ends cannot hang us)
+MAX_LIST_PAGES = 100
+#: secret values shorter than this are not scrubbed from answers (they would mangle text)
+_MIN_SCRUB_LEN = 8
+#: longest server-written error message passed on
+_MAX_ERROR_CHARS = 500
+_URL_RE = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+_CONNECTION_ERRORS = (
+    OSError,
+    httpx2.TransportError,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+    anyio.EndOfStream,
+)
+
+
+def render_result(result: CallToolResult) -> str:
+    """A tool result as text for the model: text blocks, placeholders for the rest."""
+    parts: list[str] = []
+    has_text = False
+    for block in result.content:
+        if isinstance(block, TextContent):
+            has_text = True
+            parts.append(block.text)
+        elif isinstance(block, ImageContent):
+            parts.append(f"[image content: {block.mime_type}]")
+        elif isinstance(block, AudioContent):
+            parts.append(f"[audio content: {block.mime_type}]")
+        elif isinstance(block, EmbeddedResource):
+            res = block.resource
+            if isinstance(res, TextResourceContents):
+                has_text = True
+                parts.append(res.text)
+            else:
+                parts.append(f"[resource content: {res.mime_type or 'application/octet-stream'}]")
+        elif isinstance(block, ResourceLink):
+            parts.append(f"[resource link: {block.uri}]")
+        else:  # a block type newer than this code
+            parts.append(f"[{getattr(block, 'type', 'unknown')} content]")
+    if result.structured_content is not None and not has_text:
+        parts.insert(0, orjson.dumps(result.structured_content, default=str).decode())
+    return "\n".join(parts)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or ``exc`` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+class McpClient:
+    """Lists and calls the tools of the configured MCP servers (a session per call)."""
+
+    def __init__(
+        self, servers: Sequence[McpServerEntry], *, tool_timeout: float, max_output_bytes: int
+    ) -> None:
+        self._servers: dict[str, McpServerEntry] = {}
+        for entry in servers:
+            if entry.name in self._servers:
+                raise ValueError(f"MCP server {entry.name!r} is configured twice")
+            self._servers[entry.name] = entry
+        self._tool_timeout = tool_timeout
+        self._max_output_bytes = max_output_bytes
+
+    def __repr__(self) -> str:
+        return f"McpClient(servers={sorted(self._servers)!r})"
+
+    def configured(self, name: str) -> bool:
+        """Whether a server of that name is configured."""
+        return name in self._servers
+
+    async def list_tools(self, server: str) -> list[ToolSpec]:
+        """The server's tools (all pages), within its timeout."""
+        entry = self._entry(server)
+        specs: list[ToolSpec] = []
+        async with self._session(entry) as client:
+            cursor: str | None = None
+            for _ in range(MAX_LIST_PAGES):
+                page = await client.list_tools(cursor=cursor)
+                specs.extend(
+                    ToolSpec(name=t.name, description=t.description or "", parameters=t.input_schema)
+                    for t in page.tools
+                )
+                cursor = page.next_cursor
+                if not cursor:
+                    break
+        return specs
+
+    async def call_tool(self, server: str, tool: str, arguments: dict[str, Any]) -> str:
+        """Call ``tool``; its result as text (cut to the output limit), or a :class:`ToolError`."""
+        entry = self._entry(server)
+        async with self._session(entry) as client:
+            result = await client.call_tool(tool, arguments)
+        text = self._scrub(entry, render_result(result))
+        if result.is_error:
+            raise ToolError(cut_text(text or f"MCP tool {tool!r} failed", self._max_output_bytes))
+        return cut_text(text, self._max_output_bytes)
+
+    async def aclose(self) -> None:
+        """Nothing is pooled: sessions close with their call."""
+
+    def _entry(self, name: str) -> McpServerEntry:
+        entry = self._servers.get(name)
+        if entry is None:
+            raise ToolError(f"MCP server {name!r} is not configured")
+        return entry
+
+    @asynccontextmanager
+    async def _session(self, entry: McpServerEntry) -> AsyncIterator[Client]:
+        """A connected client, the whole block bounded by the server's timeout; errors as ToolError."""
+        timeout = entry.timeout or self._tool_timeout
+        connected = False
+        try:
+            async with asyncio.timeout(timeout), AsyncExitStack() as stack:
+                transport: Transport
+                if entry.url is not None:
+                    http = httpx2.AsyncClient(
+                        headers={k: v.get_secret_value() for k, v in entry.headers.items()},
+                        # the asyncio timeout above is the one that counts
+                        timeout=httpx2.Timeout(timeout + 1.0),
+                    )
+                    await stack.enter_async_context(http)
+                    transport = streamable_http_client(entry.url, http_client=http)
+                else:
+                    assert entry.command is not None  # the settings require url or command
+                    params = StdioServerParameters(
+                        command=entry.command[0],
+                        args=list(entry.command[1:]),
+                        env={k: v.get_secret_value() for k, v in entry.env.items()},
+                    )
+                    transport = stdio_client(params)
+                client = Client(
+                    transport,
+                    cache=None,
+                    client_info=Implementation(name="tail-service", version=__version__),
+                )
+                await stack.enter_async_context(client)
+                connected = True
+                yield client
+        except TimeoutError:
+            log.warning("MCP server %r did not answer within %g s", entry.name, timeout)
+            raise ToolError(f"MCP server {entry.name!r} did not answer within {timeout:g} s") from None
+        except Exception as exc:
+            raise self._failure(entry, exc, connected) from None
+
+    def _failure(self, entry: McpServerEntry, exc: Exception, connected: bool) -> ToolError:
+        """The ToolError for a failed session; logs the exception types (never their text)."""
+        leaves = _leaves(exc)
+        kinds = ", ".join(sorted({type(e).__name__ for e in leaves}))
+        log.warning(
+            "MCP server %r failed %s: %s", entry.name, "in a call" if connected else "to connect", kinds
+        )
+        name = entry.name
+        mcp_errors = [e for e in leaves if isinstance(e, MCPError) and e.code != CONNECTION_CLOSED]
+        if any(isinstance(e, httpx2.TimeoutException) for e in leaves):
+            return ToolError(f"MCP server {name!r} did not answer in time")
+        if mcp_errors and connected:
+            message = _URL_RE.sub("[url]", self._scrub(entry, mcp_errors[0].message))
+            return ToolError(f"MCP server {name!r} failed: {message[:_MAX_ERROR_CHARS]}")
+        if mcp_errors:
+            return ToolError(f"MCP server {name!r} refused the connection (MCP error {mcp_errors[0].code})")
+        if all(isinstance(e, (*_CONNECTION_ERRORS, MCPError)) for e in leaves):
+            return ToolError(f"MCP server {name!r} is unreachable")
+        if any(isinstance(e, ValidationError) for e in leaves):
+            return ToolError(f"MCP server {name!r} failed: it sent an invalid answer")
+        return ToolError(f"MCP server {name!r} failed ({kinds})")
+
+    @staticmethod
+    def _scrub(entry: McpServerEntry, text: str) -> str:
+        """``text`` without the entry's URL, header values or environment values."""
+        secrets = {entry.url or ""}
+        for value in (*entry.headers.values(), *entry.env.values()):
+            revealed = value.get_secret_value()
+            secrets.add(revealed)
+            secrets.update(revealed.split())
+        for secret in sorted(secrets, key=len, reverse=True):
+            if len(secret) >= _MIN_SCRUB_LEN and secret in text:
+                text = text.replace(secret, "[redacted]")
+        return text
