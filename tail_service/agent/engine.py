@@ -246,7 +246,12 @@ class AgentEngine:
             answer, usage, throttled = await self._call_model(row, body, step_no)
         except _Ended as ended:
             status = "failed" if ended.status == "failed" else "incomplete"
-            failed = {**step, "status": status, "completed_at": self._clock()}
+            failed = {
+                **step,
+                "status": status,
+                "completed_at": self._clock(),
+                "rate_limited": ended.throttled,
+            }
             return await self._end(row, expect, ended, [(step_no, "model_call", status, failed)])
         choice = (answer.get("choices") or [{}])[0]
         message = dict(choice.get("message") or {"role": "assistant", "content": None})
@@ -353,9 +358,9 @@ class AgentEngine:
         while True:
             left = self._time_left(await self._row(row.id))
             if left <= 0:
-                raise _Ended("incomplete", reason="max_time")
+                raise _Ended("incomplete", reason="max_time", throttled=throttled)
             if await self.store.run(self.runs.cancel_requested, row.id):
-                raise _Ended("cancelled")
+                raise _Ended("cancelled", throttled=throttled)
             req = ProxyRequest(
                 endpoint=Endpoint.CHAT,
                 model=row.model,
@@ -369,14 +374,14 @@ class AgentEngine:
                     answer, usage = await self._stream(row.id, req, step_no)
                 return answer, usage, throttled
             except TimeoutError:
-                raise _Ended("incomplete", reason="max_time") from None
+                raise _Ended("incomplete", reason="max_time", throttled=throttled) from None
             except TailError as exc:
                 if isinstance(exc, RateLimitError):
                     throttled += 1
                 elif isinstance(exc, TRANSIENT) and transient < TRANSIENT_RETRIES:
                     transient += 1
                 else:
-                    raise _Ended("failed", error=exc.body()["error"]) from None
+                    raise _Ended("failed", error=exc.body()["error"], throttled=throttled) from None
                 delay = exc.retry_after if exc.retry_after is not None else 1.0
                 delay = min(max(delay, 0.05), self.settings.max_backoff, max(left, 0.05))
                 await asyncio.sleep(delay * (0.5 + random.random()))

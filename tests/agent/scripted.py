@@ -3,7 +3,7 @@
 The first user message is the script: each ``CALL`` line is one model turn asking for the
 tools it names (``CALL add {"a": 2, "b": 3} | calculator {"expression": "6*7"}`` asks for
 two calls at once); after the last line the model answers ``Answer: `` followed by every
-tool result it was given. The turn is the number of assistant messages so far, so the
+tool result it was given (or by the script itself, when there was none). The turn is the number of assistant messages so far, so the
 model follows the conversation, whoever runs the loop.
 """
 
@@ -38,7 +38,7 @@ def agent_script(body: dict[str, Any]) -> list[ChoicePlan]:
             )
         return [ChoicePlan(tool_calls=calls, finish_reason="tool_calls")]
     results = [text_of(m.get("content")) for m in messages if m.get("role") == "tool"]
-    tokens = split_tokens("Answer: " + " ; ".join(results))
+    tokens = split_tokens("Answer: " + (" ; ".join(results) if results else script))
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if isinstance(limit, int) and len(tokens) > limit:
         return [ChoicePlan(tokens[:limit], [], "length")]
