@@ -39,8 +39,10 @@ from tail_service.core.batch import TRANSIENT
 from tail_service.core.cache import ChatAccumulator
 from tail_service.core.inference import InferenceService
 from tail_service.core.tools import Tool, ToolError, ToolSpec, builtin_tools, cut_text, parse_arguments
-from tail_service.core.types import Endpoint, ProxyRequest, RequestParams, TokenUsage
+from tail_service.core.types import Endpoint, ProxyRequest, TokenUsage
 from tail_service.errors import RateLimitError, TailError
+from tail_service.schemas.chat import ChatCompletionRequest
+from tail_service.schemas.common import parse_body
 from tail_service.settings import AgentSettings
 from tail_service.store import Store
 from tail_service.store.agent import AgentStore, NewEvent, NewStep, RunRow, StepRow, dumps, loads
@@ -67,10 +69,17 @@ class _Ended(Exception):
     """The run ends now: ``status`` with ``reason`` (incomplete) or ``error`` (failed)."""
 
     def __init__(
-        self, status: str, *, reason: str | None = None, error: dict[str, Any] | None = None
+        self,
+        status: str,
+        *,
+        reason: str | None = None,
+        error: dict[str, Any] | None = None,
+        throttled: int = 0,
     ) -> None:
         super().__init__(status)
         self.status, self.reason, self.error = status, reason, error
+        #: the model call's attempts refused by the key's rate limits
+        self.throttled = throttled
 
 
 def plan_of(row: RunRow, round_tools: Sequence[int] = ()) -> Plan:
@@ -354,6 +363,10 @@ class AgentEngine:
         """The model's answer, streamed; waits out the key's rate limits (and tries a
         transient upstream failure again) until the run's time is up."""
         principal = principal_from_json(row.principal)
+        try:
+            params = parse_body(ChatCompletionRequest, body)  # admission reserves its max tokens
+        except TailError as exc:  # e.g. an MCP server's tool schema the chat schema refuses
+            raise _Ended("failed", error=exc.body()["error"]) from None
         throttled = transient = 0
         while True:
             left = self._time_left(await self._row(row.id))
@@ -365,7 +378,7 @@ class AgentEngine:
                 endpoint=Endpoint.CHAT,
                 model=row.model,
                 body=body,
-                params=RequestParams(stream=True, include_usage=True),
+                params=params,
                 request_id="req_" + os.urandom(12).hex(),
                 principal=principal,
             )

@@ -491,7 +491,7 @@ def test_a_low_tpm_key_is_throttled_across_the_steps_of_a_run(
             run = http.post("/v1/agentic", json=body).json()
             deadline = time.monotonic() + 30
             while mcp.counts().get("slow", 0) < 1:
-                assert time.monotonic() < deadline
+                assert time.monotonic() < deadline, str(http.get(f"/v1/agentic/{run['id']}").json())
                 time.sleep(0.05)
             client = openai.OpenAI(base_url=app.base_url + "/v1", api_key=key, max_retries=0)
             client.chat.completions.create(
