@@ -153,14 +153,14 @@ async def create_run(request: Request) -> Response:
     body, _ = await read_json(request, services.settings.server, services.large_body_gate)
     _check_locations(body)
     req = parse_as(AgenticRequest, body)
+    check_model_access(principal, req.model)
+    services.router.deployments(req.model, Endpoint.CHAT)  # 404 / 400 now, not in the run
     if (req.messages is None) == (req.input is None):
         raise InvalidRequestError(
             "Give exactly one of 'messages' and 'input'.",
             param="messages" if req.messages is not None else "input",
             code="missing_required_parameter" if req.messages is None else "invalid_value",
         )
-    check_model_access(principal, req.model)
-    services.router.deployments(req.model, Endpoint.CHAT)  # 404 / 400 now, not in the run
     _check_tools(req, principal, services, services.builtin_tools)
     messages = req.messages if req.messages is not None else [{"role": "user", "content": req.input}]
     sampling = _chat_check(req, body, messages)

@@ -3,8 +3,9 @@
 The first user message is the script: each ``CALL`` line is one model turn asking for the
 tools it names (``CALL add {"a": 2, "b": 3} | calculator {"expression": "6*7"}`` asks for
 two calls at once); after the last line the model answers ``Answer: `` followed by every
-tool result it was given (or by the script itself, when there was none). The turn is the number of assistant messages so far, so the
-model follows the conversation, whoever runs the loop.
+tool result it was given (or by the script itself, when there was none). The turn is the
+number of assistant messages so far, so the model follows the conversation, whoever runs
+the loop.
 """
 
 from __future__ import annotations

@@ -276,7 +276,10 @@ def test_limits_above_the_server_cap_are_refused(agents: Agents) -> None:
 
 def test_tool_failures_reach_the_model_and_the_run_ends_cleanly(agents: Agents) -> None:
     down = {"type": "mcp", "server": "down", "allowed_tools": ["ping"], "require_approval": "never"}
-    script = 'CALL fail {} | calculator {"expr": 1} | nosuch {} | ping {} | lookup {"city": "Atlantis"} | calculator {"expression": "1/0"}'
+    script = (
+        'CALL fail {} | calculator {"expr": 1} | nosuch {} | ping {}'
+        ' | lookup {"city": "Atlantis"} | calculator {"expression": "1/0"}'
+    )
     with agents.http() as http:
         run = agents.run(http, script, [MCP, CALC, down])
     assert run["status"] == "completed", run
@@ -395,7 +398,11 @@ def test_kill9_mid_run_resumes_without_repeating_finished_tool_calls(
 ) -> None:
     upstream.script = agent_script
     app = make_app([model_entry("gpt-test", upstream)], mcp_servers=[{"name": "facts", "url": mcp.url}])
-    script = 'CALL add {"a": 2, "b": 3} | lookup {"city": "Paris"}\nCALL slow {"seconds": 2}\nCALL add {"a": 1, "b": 1}'
+    script = (
+        'CALL add {"a": 2, "b": 3} | lookup {"city": "Paris"}\n'
+        'CALL slow {"seconds": 2}\n'
+        'CALL add {"a": 1, "b": 1}'
+    )
     fast = {"dead_after": 2.0} if restart == "take_over" else {}
     with app.http() as http:
         with run_worker(app.settings, "agent-a", **fast) as first:
