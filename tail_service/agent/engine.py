@@ -55,6 +55,7 @@ Plan = dict[str, Any]
 DELTA_FLUSH = 0.1
 #: transient upstream failures a model call is tried again for
 TRANSIENT_RETRIES = 3
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 class McpTools(Protocol):
@@ -347,8 +348,11 @@ class AgentEngine:
         if tool is None:
             return step_no, {**step, "status": "failed", "error": f"There is no tool named '{name}'."}
         step.update(tool=tool.kind, server=tool.server)
+        # a client's own tool is checked to be an object only: its schema comes from the
+        # request, and patterns in it would run on the worker (the client validates)
+        schema = _ANY_OBJECT if tool.kind == "function" else tool.parameters
         try:
-            parse_arguments(tool.parameters, raw)
+            parse_arguments(schema, raw)
         except ToolError as exc:
             return step_no, {**step, "status": "failed", "error": str(exc)}
         if tool.kind == "function":
@@ -452,6 +456,9 @@ class AgentEngine:
             data.update(status="completed", output=output)
         except ToolError as exc:
             data.update(status="failed", error=str(exc))
+        except Exception:  # a tool's bug is the model's tool error too, never the run's end
+            log.exception("tool %s failed", data["name"])
+            data.update(status="failed", error="The tool failed unexpectedly.")
         done = self._clock()
         data.update(started_at=started, completed_at=done, duration_ms=int((done - started) * 1000))
         await self.store.run(
@@ -465,7 +472,7 @@ class AgentEngine:
         )
 
     async def _run_tool(self, step: Mapping[str, Any]) -> str:
-        arguments = parse_arguments({"type": "object"}, step["arguments"])
+        arguments = parse_arguments(_ANY_OBJECT, step["arguments"])
         limit = self.settings.max_tool_output_bytes
         if step["tool"] == "mcp":
             return await self.mcp.call_tool(step["server"], step["name"], arguments)

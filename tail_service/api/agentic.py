@@ -200,36 +200,8 @@ async def create_run(request: Request) -> Response:
         "metadata": dumps(req.metadata) if req.metadata else None,
         "created_at": now,
     }
-    runs = _runs(services)
-    row = RunRow(
-        **{**_defaults(), **values},  # the row as stored, for the first event
-    )
-    await services.store.run(runs.create, values, [("run.created", {"run": row.to_openai()})])
+    row = await services.store.run(_runs(services).create, values)
     return await _answer(request, services, row.id, stream=req.stream, background=req.background, after=-1)
-
-
-def _defaults() -> dict[str, Any]:
-    """Column defaults of a new run (as the table's server defaults set them)."""
-    return {
-        "tools": None,
-        "next_step": 0,
-        "phase": "model",
-        "model_calls": 0,
-        "tool_calls": 0,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "worked_ms": 0,
-        "started_segment": -1,
-        "segment_started_at": None,
-        "cancel_requested": False,
-        "required_action": None,
-        "output": None,
-        "error": None,
-        "incomplete_reason": None,
-        "next_seq": 0,
-        "started_at": None,
-        "completed_at": None,
-    }
 
 
 async def _answer(

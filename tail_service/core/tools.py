@@ -81,17 +81,27 @@ def parse_arguments(schema: Mapping[str, Any], raw: str) -> dict[str, Any]:
     if not isinstance(arguments, dict):
         raise ToolError("The arguments must be a JSON object.")
     validator = jsonschema.Draft202012Validator(schema)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+    except Exception as exc:  # a schema the validator cannot use (an unresolvable $ref, ...)
+        raise ToolError(f"The tool's JSON Schema cannot be applied ({type(exc).__name__}).") from None
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(the arguments)"
         raise ToolError(f"Invalid arguments at {where}: {error.message}")
     return arguments
 
 
+#: largest JSON Schema a request may give for one tool's parameters
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
 def check_schema(schema: Any) -> None:
-    """Raise ``ValueError`` unless ``schema`` is a valid JSON Schema for a tool's arguments."""
+    """Raise ``ValueError`` unless ``schema`` is a valid JSON Schema for a tool's arguments
+    (and at most :data:`MAX_SCHEMA_BYTES` as JSON)."""
     if not isinstance(schema, dict):
         raise ValueError("a tool's parameters must be a JSON Schema object")
+    if len(orjson.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"a tool's parameters may be at most {MAX_SCHEMA_BYTES} bytes of JSON")
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.exceptions.SchemaError as exc:

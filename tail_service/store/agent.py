@@ -129,11 +129,15 @@ class AgentStore:
 
     # -- runs ---------------------------------------------------------------------------
 
-    def create(self, values: Mapping[str, Any], events: Sequence[NewEvent]) -> list[bytes]:
-        """Insert a run and its first events; the events as stored."""
+    def create(self, values: Mapping[str, Any]) -> RunRow:
+        """Insert a run with its first event, ``run.created``."""
         with self._engine.begin() as conn:
             conn.execute(sa.insert(agent_runs).values(**values))
-            return self._append(conn, values["id"], events)
+            row = RunRow.from_row(
+                conn.execute(sa.select(agent_runs).where(agent_runs.c.id == values["id"])).one()
+            )
+            self._append(conn, row.id, [("run.created", {"run": row.to_openai()})])
+        return row
 
     def get(self, tenant: str, run_id: str) -> RunRow | None:
         """The run, if it exists and belongs to ``tenant``."""
@@ -170,7 +174,7 @@ class AgentStore:
 
     def request_cancel(self, tenant: str, run_id: str, now: int) -> RunRow | None:
         """Cancel a run: at once when no worker is on it (queued or paused), else ask its
-        worker to stop at the next step. The run as it now is (``None``: not found)."""
+        worker to stop before its next step. The run as it now is (``None``: not found)."""
         with self._engine.begin() as conn:
             row = conn.execute(
                 sa.select(agent_runs.c.status, agent_runs.c.next_step).where(
@@ -180,7 +184,11 @@ class AgentStore:
             if row is None:
                 return None
             status, step = row
-            if status == "requires_action" or status == "queued":
+            if status in TERMINAL:
+                return self.get(tenant, run_id)
+            # a worker that takes the run from here on sees the request
+            conn.execute(sa.update(agent_runs).where(agent_runs.c.id == run_id).values(cancel_requested=True))
+            if status in ("queued", "requires_action"):
                 ended = conn.execute(
                     sa.update(agent_runs)
                     .where(
@@ -200,10 +208,6 @@ class AgentStore:
                     now_row = conn.execute(sa.select(agent_runs).where(agent_runs.c.id == run_id)).one()
                     summary = RunRow.from_row(now_row).to_openai()
                     self._append(conn, run_id, [("run.cancelled", {"run": summary})])
-            elif status not in TERMINAL:
-                conn.execute(
-                    sa.update(agent_runs).where(agent_runs.c.id == run_id).values(cancel_requested=True)
-                )
         return self.get(tenant, run_id)
 
     def cancel_requested(self, run_id: str) -> bool:
