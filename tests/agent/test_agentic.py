@@ -514,3 +514,37 @@ def test_a_low_tpm_key_is_throttled_across_the_steps_of_a_run(
     assert last["type"] == "model_call" and last["status"] == "incomplete" and last["rate_limited"] >= 1
     assert done["model_calls"] == 1
     assert len([r for r in upstream.requests if r.path == "/v1/chat/completions"]) == 2
+
+
+def test_a_paused_run_survives_a_worker_kill_and_submit_continues_it(
+    make_app: Callable[..., RunningApp], upstream: FakeOpenAI, mcp: RunningMcpServer
+) -> None:
+    """A run waiting for the client holds no worker: killing every worker loses nothing,
+    and a submit after the restart goes on from the stored state."""
+    upstream.script = agent_script
+    app = make_app([model_entry("gpt-test", upstream)], mcp_servers=[{"name": "facts", "url": mcp.url}])
+    strict = {**MCP, "require_approval": "always"}
+    with app.http() as http:
+        with run_worker(app.settings, "agent-p") as first:
+            run = http.post(
+                "/v1/agentic",
+                json={"model": "gpt-test", "input": 'CALL add {"a": 20, "b": 22}', "tools": [strict]},
+            ).json()
+            assert run["status"] == "requires_action"
+            first.proc.kill()
+            first.proc.wait()
+        before = sse_events(http.get(f"/v1/agentic/{run['id']}/events").text)
+        assert before[-1][0] == "run.requires_action"
+        with run_worker(app.settings, "agent-q"):
+            r = http.post(
+                f"/v1/agentic/{run['id']}/submit",
+                json={"approvals": [{"tool_call_id": "call_0_0", "approve": True}], "stream": True},
+            )
+            events = sse_events(r.text)
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "run.submitted" and kinds[-1] == "run.completed", kinds
+    assert (
+        events[0][1]["sequence_number"] == run_events_before(run) and kinds.count("tool_call.completed") == 1
+    )
+    assert events[-1][1]["run"]["output_text"] == "Answer: 42"
+    assert mcp.counts() == {"add": 1}
