@@ -543,8 +543,6 @@ def test_a_paused_run_survives_a_worker_kill_and_submit_continues_it(
             events = sse_events(r.text)
     kinds = [k for k, _ in events]
     assert kinds[0] == "run.submitted" and kinds[-1] == "run.completed", kinds
-    assert (
-        events[0][1]["sequence_number"] == run_events_before(run) and kinds.count("tool_call.completed") == 1
-    )
+    assert events[0][1]["sequence_number"] == len(before) and kinds.count("tool_call.completed") == 1
     assert events[-1][1]["run"]["output_text"] == "Answer: 42"
     assert mcp.counts() == {"add": 1}
