@@ -352,7 +352,7 @@ class AgentSettings(_Frozen):
     #: runs one worker works on at once
     worker_concurrency: int = Field(default=64, ge=1, le=4096)
     #: seconds between a worker's looks for runs to start
-    start_poll: float = Field(default=0.1, gt=0)
+    start_poll: float = Field(default=0.05, gt=0)
     #: seconds between an HTTP replica's looks at a run it waits for or streams
     watch_poll: float = Field(default=0.05, gt=0)
 

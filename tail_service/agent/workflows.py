@@ -11,31 +11,45 @@ worker's runs, resumes each run after its last finished step.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
-from dbos import DBOS, Queue, SetWorkflowID
+from dbos import DBOS, SetWorkflowID
 
 from tail_service.agent.engine import AgentEngine, Plan
-
-#: the queue of run segments
-AGENT_QUEUE = "tail_agent_runs"
-#: seconds between a worker's looks at the queue (a run's start waits for it)
-AGENT_POLL = 0.1
 
 #: a step that fails (the store down, a bug) is tried this often before the run fails
 _ATTEMPTS = 5
 
 
-@dataclass(frozen=True, slots=True)
 class AgentWorkflows:
-    segment: Any
-    queue: Queue
+    """Starts run segments on this worker, at most ``concurrency`` at once.
+
+    A segment is started directly (no queue to poll: a run starts within the worker's
+    store poll). Its workflow id is ``<run id>.<segment>``, so a second start of the same
+    segment, here or on another worker, finds it and runs nothing; a crashed worker's
+    segments are recovered by DBOS like any workflow of its executor.
+    """
+
+    def __init__(self, segment: Any, concurrency: int) -> None:
+        self.segment = segment
+        self._concurrency = concurrency
+        self._active: set[asyncio.Task[Any]] = set()
+
+    @property
+    def room(self) -> int:
+        return max(0, self._concurrency - len(self._active))
 
     async def start(self, run_id: str, segment: int) -> None:
-        """Enqueue a segment of a run; one already started is left as it is."""
         with SetWorkflowID(f"{run_id}.{segment}"):
-            await self.queue.enqueue_async(self.segment, run_id, segment)
+            handle = await DBOS.start_workflow_async(self.segment, run_id, segment)
+        task = asyncio.create_task(handle.get_result())
+        self._active.add(task)
+        task.add_done_callback(self._active.discard)
+
+    async def aclose(self) -> None:
+        """Stop watching; the workflows themselves end with DBOS."""
+        for task in list(self._active):
+            task.cancel()
 
 
 def register(engine: AgentEngine) -> Any:
@@ -83,12 +97,3 @@ def register(engine: AgentEngine) -> Any:
             return "end"
 
     return segment_workflow
-
-
-async def register_queue(concurrency: int) -> Queue:
-    return await DBOS.register_queue_async(
-        AGENT_QUEUE,
-        worker_concurrency=concurrency,
-        polling_interval_sec=AGENT_POLL,
-        on_conflict="always_update",
-    )

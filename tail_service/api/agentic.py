@@ -47,6 +47,8 @@ _LOCATION_FIELDS = ("server_url", "url", "command", "headers", "env", "connector
 _END_TYPES = frozenset(END_EVENTS.values())
 #: longest wait between two looks at a run being waited for
 _MAX_POLL = 0.5
+#: seconds of quiet after which the looks slow down (from ``agent.watch_poll`` to ``_MAX_POLL``)
+_QUIET = 2.0
 
 
 def new_run_id() -> str:
@@ -228,22 +230,24 @@ async def _until_resting(services: Services, run_id: str) -> None:
     """Wait until the run ends or pauses (bounded by the server's request timeout; the run
     goes on either way)."""
     runs = _runs(services)
-    deadline = time.monotonic() + services.settings.server.request_timeout
-    poll = services.settings.agent.watch_poll
+    active = time.monotonic()
+    deadline = active + services.settings.server.request_timeout
+    seen = -1
     while time.monotonic() < deadline:
         row = await services.store.run(runs.get_any, run_id)
         if row is None or row.status in RESTING:
             return
-        await asyncio.sleep(poll)
-        poll = min(poll * 1.5, _MAX_POLL)
+        if row.next_seq != seen:  # something happened: keep looking often
+            seen, active = row.next_seq, time.monotonic()
+        await asyncio.sleep(_poll(services, active))
 
 
 async def _events(services: Services, run_id: str, after: int) -> AsyncGenerator[tuple[str, bytes], None]:
     """The run's events numbered above ``after``, as they are stored, up to the next event
     that ends a stream; or none if the run rests and has nothing newer."""
     runs = _runs(services)
-    poll = services.settings.agent.watch_poll
-    deadline = time.monotonic() + services.settings.server.request_timeout
+    active = time.monotonic()
+    deadline = active + services.settings.server.request_timeout
     while time.monotonic() < deadline:
         found = await services.store.run(runs.events, run_id, after)
         for seq, kind, data in found:
@@ -252,13 +256,19 @@ async def _events(services: Services, run_id: str, after: int) -> AsyncGenerator
             if kind in _END_TYPES:
                 return
         if found:
-            poll = services.settings.agent.watch_poll
+            active = time.monotonic()
             continue
         row = await services.store.run(runs.get_any, run_id)
         if row is None or (row.status in RESTING and row.next_seq - 1 <= after):
             return
-        await asyncio.sleep(poll)
-        poll = min(poll * 1.5, _MAX_POLL)
+        await asyncio.sleep(_poll(services, active))
+
+
+def _poll(services: Services, since: float) -> float:
+    """How long to wait before the next look: ``agent.watch_poll`` while the run was
+    active in the last ``_QUIET`` seconds, then slower."""
+    fast = services.settings.agent.watch_poll
+    return fast if time.monotonic() - since < _QUIET else max(fast, _MAX_POLL)
 
 
 def _frame(item: tuple[str, bytes]) -> bytes:

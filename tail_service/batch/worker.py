@@ -114,6 +114,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         config = workflows.dbos_config(system_database_url(settings), me, settings.log_level)
         flows, agent_flows = await workflows.launch(engine, config, agent)
         closers.add("DBOS", _stop_dbos)
+        closers.add("the agent runs' watch", agent_flows.aclose)
         store, batches, files = core.store, engine.batches, engine.files
         started_at, host, pid = int(time.time()), socket.gethostname(), os.getpid()
 
@@ -133,7 +134,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                 polling_busy = busy
 
         async def start_runs() -> None:
-            for run_id, segment in await store.run(agent.runs.to_start):
+            if not agent_flows.room:
+                return
+            for run_id, segment in await store.run(agent.runs.to_start, agent_flows.room):
                 await agent_flows.start(run_id, segment)
                 await store.run(agent.runs.mark_started, run_id, segment)
 

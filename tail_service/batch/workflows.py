@@ -128,8 +128,9 @@ async def launch(
         polling_interval_sec=CHUNK_POLL_IDLE,
         on_conflict="always_update",
     )
-    agent_queue = await agent_workflows.register_queue(agent.settings.worker_concurrency)
-    return Workflows(batch, chunk, batch_queue, chunk_queue), AgentWorkflows(segment, agent_queue)
+    return Workflows(batch, chunk, batch_queue, chunk_queue), AgentWorkflows(
+        segment, agent.settings.worker_concurrency
+    )
 
 
 def recover(executor_id: str) -> int:

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Agent-run overhead and throughput: runs of ``model call -> calculator -> model call``
+against a scripted fake model (``tests/fakes``, ``--latency-ms`` per call), through the
+real service (``tail-service serve``) and one real worker (``tail-service worker``), on
+SQLite.
+
+    .venv/bin/python bench/agent_bench.py --runs 20 --concurrent 200
+
+Prints one JSON line: the p50/p95 latency of a synchronous run against two sequential
+chat completions through the same gateway (the difference is what the durable loop
+costs: store writes, DBOS checkpoints, the worker's pickup and the HTTP side's watch),
+and runs/s and model calls/s for ``--concurrent`` background runs at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+EXE = str(Path(sys.executable).with_name("tail-service"))
+
+from bench.batch_bench import free_port, peak_rss_mb, wait_line, wait_port  # noqa: E402
+from tests.agent.scripted import agent_script  # noqa: E402
+from tests.fakes.openai_upstream import run_openai_upstream_in_thread  # noqa: E402
+
+SCRIPT = 'CALL calculator {"expression": "6*7"}'
+BODY = {"model": "fake-gpt", "input": SCRIPT, "tools": [{"type": "builtin", "name": "calculator"}]}
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=20, help="sequential runs for the latency numbers")
+    ap.add_argument("--concurrent", type=int, default=200, help="background runs at once")
+    ap.add_argument("--latency-ms", type=float, default=0)
+    args = ap.parse_args()
+
+    state = Path(tempfile.mkdtemp(prefix="agent-bench-"))
+    procs: list[subprocess.Popen[str]] = []
+    with run_openai_upstream_in_thread("a", api_key=None) as upstream:
+        upstream.script = agent_script
+        upstream.latency = args.latency_ms / 1000
+        try:
+            http_port = free_port()
+            config = {
+                "state_dir": str(state),
+                "log_level": "warning",
+                "server": {"port": http_port},
+                "auth": {"mode": "disabled"},
+                "ratelimit": {"enabled": False},
+                "models": [{"name": "fake-gpt", "provider": "openai", "base_url": upstream.base_url}],
+            }
+            cfg = state / "bench.yaml"
+            cfg.write_text(yaml.safe_dump(config))
+            env = {**os.environ, "TAIL_CONFIG": str(cfg)}
+            env.pop("TAIL_SETTINGS_JSON", None)
+            http = subprocess.Popen([EXE, "serve"], env=env, stderr=subprocess.PIPE, text=True)
+            procs.append(http)
+            wait_port(http_port)
+            worker = subprocess.Popen(
+                [EXE, "worker", "--executor-id", "bench"], env=env, stderr=subprocess.PIPE, text=True
+            )
+            procs.append(worker)
+            wait_line(worker, "batch worker ready")
+            base = f"http://127.0.0.1:{http_port}/v1"
+            with httpx.Client(base_url=base, timeout=120) as client:
+                chat = {"model": "fake-gpt", "messages": [{"role": "user", "content": SCRIPT}]}
+                client.post("/agentic", json=BODY).raise_for_status()  # warm up
+                pairs, runs, pickup, work, notice = [], [], [], [], []
+                for _ in range(args.runs):
+                    t0 = time.monotonic()
+                    client.post("/chat/completions", json=chat).raise_for_status()
+                    client.post("/chat/completions", json=chat).raise_for_status()
+                    pairs.append(time.monotonic() - t0)
+                    t0, w0 = time.monotonic(), time.time()
+                    run = client.post("/agentic", json=BODY).json()
+                    runs.append(time.monotonic() - t0)
+                    steps = run["steps"]
+                    pickup.append(steps[0]["started_at"] - w0)
+                    work.append(steps[-1]["completed_at"] - steps[0]["started_at"])
+                    notice.append(time.time() - steps[-1]["completed_at"])
+                    assert run["status"] == "completed" and run["output_text"] == "Answer: 42", run
+
+                def start(_: int) -> str:
+                    return str(client.post("/agentic", json={**BODY, "background": True}).json()["id"])
+
+                t0 = time.time()
+                with ThreadPoolExecutor(32) as pool:
+                    ids = list(pool.map(start, range(args.concurrent)))
+                created_s = time.time() - t0
+                pending, finished = set(ids), 0.0
+                while pending:
+                    time.sleep(0.5)
+                    for run_id in list(pending):
+                        run = client.get(f"/agentic/{run_id}").json()
+                        if run["status"] == "completed":
+                            pending.discard(run_id)
+                            finished = max(finished, run["steps"][-1]["completed_at"])
+                elapsed = finished - t0  # by the worker's clock, not this loop's
+            print(
+                json.dumps(
+                    {
+                        "upstream_latency_ms": args.latency_ms,
+                        "two_chat_calls_p50_ms": pct(pairs, 0.5),
+                        "agent_run_p50_ms": pct(runs, 0.5),
+                        "agent_run_p95_ms": pct(runs, 0.95),
+                        "overhead_p50_ms": round(pct(runs, 0.5) - pct(pairs, 0.5), 1),
+                        "mean_run_ms": round(statistics.mean(runs) * 1000, 1),
+                        "pickup_p50_ms": pct(pickup, 0.5),
+                        "steps_p50_ms": pct(work, 0.5),
+                        "answer_after_last_step_p50_ms": pct(notice, 0.5),
+                        "concurrent_runs": args.concurrent,
+                        "concurrent_created_s": round(created_s, 2),
+                        "concurrent_elapsed_s": round(elapsed, 2),
+                        "runs_per_s": round(args.concurrent / elapsed, 1),
+                        "model_calls_per_s": round(2 * args.concurrent / elapsed, 1),
+                        "worker_peak_rss_mb": round(peak_rss_mb(worker.pid)),
+                    }
+                )
+            )
+        finally:
+            for proc in reversed(procs):
+                proc.send_signal(signal.SIGTERM)
+            for proc in reversed(procs):
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+if __name__ == "__main__":
+    main()
