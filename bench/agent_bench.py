@@ -50,10 +50,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20, help="sequential runs for the latency numbers")
     ap.add_argument("--concurrent", type=int, default=200, help="background runs at once")
     ap.add_argument("--latency-ms", type=float, default=0)
+    ap.add_argument("--redis", action="store_true", help="an embedded redis-server: runs start on its notice")
     args = ap.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="agent-bench-"))
     procs: list[subprocess.Popen[str]] = []
+    redis = None
     with run_openai_upstream_in_thread("a", api_key=None) as upstream:
         upstream.script = agent_script
         upstream.latency = args.latency_ms / 1000
@@ -67,6 +69,11 @@ def main() -> None:
                 "ratelimit": {"enabled": False},
                 "models": [{"name": "fake-gpt", "provider": "openai", "base_url": upstream.base_url}],
             }
+            if args.redis:
+                from tail_service.redis_embedded import EmbeddedRedis
+
+                redis = EmbeddedRedis(state / "redis").start()
+                config["redis"] = {"url": redis.url()}
             cfg = state / "bench.yaml"
             cfg.write_text(yaml.safe_dump(config))
             env = {**os.environ, "TAIL_CONFIG": str(cfg)}
@@ -118,6 +125,7 @@ def main() -> None:
                 json.dumps(
                     {
                         "upstream_latency_ms": args.latency_ms,
+                        "redis": args.redis,
                         "two_chat_calls_p50_ms": pct(pairs, 0.5),
                         "agent_run_p50_ms": pct(runs, 0.5),
                         "agent_run_p95_ms": pct(runs, 0.95),
@@ -143,6 +151,8 @@ def main() -> None:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            if redis is not None:
+                redis.stop()
 
 
 if __name__ == "__main__":

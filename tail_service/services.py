@@ -34,6 +34,8 @@ class Services:
     auth: Authenticator
     #: files, batches and their results (SQLite or PostgreSQL), queried off the event loop
     store: Store
+    #: tells the workers a run waits to start (a Redis PUBLISH; they also poll the store)
+    wake_agents: Callable[[], None] = lambda: None
     #: names of the built-in agent tools (``{"type": "builtin", "name": ...}``)
     builtin_tools: frozenset[str] = frozenset()
     #: unix time the app started; the ``created`` of every listed model

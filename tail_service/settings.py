@@ -351,8 +351,9 @@ class AgentSettings(_Frozen):
     max_backoff: float = Field(default=5.0, gt=0)
     #: runs one worker works on at once
     worker_concurrency: int = Field(default=64, ge=1, le=4096)
-    #: seconds between a worker's looks for runs to start
-    start_poll: float = Field(default=0.05, gt=0)
+    #: seconds between a worker's looks for runs to start (with Redis, the HTTP service
+    #: also tells the workers at once)
+    start_poll: float = Field(default=0.25, gt=0)
     #: seconds between an HTTP replica's looks at a run it waits for or streams
     watch_poll: float = Field(default=0.05, gt=0)
 

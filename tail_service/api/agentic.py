@@ -203,6 +203,7 @@ async def create_run(request: Request) -> Response:
         "created_at": now,
     }
     row = await services.store.run(_runs(services).create, values)
+    services.wake_agents()
     return await _answer(request, services, row.id, stream=req.stream, background=req.background, after=-1)
 
 
@@ -413,6 +414,7 @@ async def submit_run(request: Request) -> Response:
         raise ConflictError(
             "The run was submitted to or cancelled meanwhile.", param="run_id", code="run_not_waiting"
         )
+    services.wake_agents()
     # nothing else writes events while a run waits: ``run.submitted`` got ``next_seq``
     after = row.next_seq - 1
     return await _answer(request, services, row.id, stream=req.stream, background=req.background, after=after)

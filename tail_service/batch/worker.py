@@ -38,6 +38,7 @@ from tail_service.batch.engine import BatchEngine
 from tail_service.clients.auth import AuthClient
 from tail_service.clients.grpc_channel import ReloadingChannel
 from tail_service.clients.mcp import McpClient
+from tail_service.core.agent import AGENT_WAKE_CHANNEL
 from tail_service.db import normalize_url
 from tail_service.settings import Settings
 
@@ -71,6 +72,50 @@ async def _every(interval: float, what: str, fn: Callable[[], Awaitable[object]]
         except Exception:
             log.exception("%s failed; trying again", what)
         await asyncio.sleep(interval)
+
+
+async def _start_runs_loop(settings: Settings, start_runs: Callable[[], Awaitable[None]]) -> None:
+    """Start waiting agent runs every ``agent.start_poll`` seconds, and at once when the HTTP
+    service publishes on :data:`AGENT_WAKE_CHANNEL` (with Redis configured, not a cluster)."""
+    wake = asyncio.Event()
+    listener = None
+    if settings.redis.url and not settings.redis.cluster:
+        listener = asyncio.create_task(_listen_for_runs(settings.redis.url, wake))
+    try:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), settings.agent.start_poll)
+            wake.clear()
+            try:
+                await start_runs()
+            except Exception:
+                log.exception("starting agent runs failed; trying again")
+    finally:
+        if listener is not None:
+            listener.cancel()
+
+
+async def _listen_for_runs(url: str, wake: asyncio.Event) -> None:
+    """Set ``wake`` on each notice of a new run (reconnecting, with a pause, when Redis
+    goes away; meanwhile the store poll starts runs)."""
+    import redis.asyncio as aioredis
+
+    while True:
+        client = aioredis.from_url(url)
+        try:
+            async with client.pubsub() as pubsub:
+                await pubsub.subscribe(AGENT_WAKE_CHANNEL)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
+                    if message is not None:
+                        wake.set()
+        except Exception as exc:
+            log.warning(
+                "not listening for new agent runs (%s); polling the store meanwhile", type(exc).__name__
+            )
+        finally:
+            await client.aclose()
+        await asyncio.sleep(1.0)
 
 
 async def _stop_dbos() -> None:
@@ -157,7 +202,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         loops = [
             asyncio.create_task(_every(settings.batch.heartbeat_interval, "heartbeat", beat)),
             asyncio.create_task(_every(START_POLL, "starting new batches", start_new)),
-            asyncio.create_task(_every(settings.agent.start_poll, "starting agent runs", start_runs)),
+            asyncio.create_task(_start_runs_loop(settings, start_runs)),
             asyncio.create_task(_every(settings.batch.dead_after / 3, "taking over dead workers", take_over)),
             asyncio.create_task(_every(PURGE_INTERVAL, "purging expired files", purge)),
         ]

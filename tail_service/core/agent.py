@@ -16,6 +16,8 @@ from typing import Any
 from tail_service.core.tools import ToolSpec
 from tail_service.errors import InvalidRequestError
 
+#: the Redis channel the HTTP service publishes on when a run waits to start
+AGENT_WAKE_CHANNEL = "tail:agent:wake"
 #: statuses after which nothing changes any more
 TERMINAL = frozenset({"completed", "failed", "cancelled", "incomplete"})
 #: statuses a waiting client returns on
