@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,13 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-EXE = str(Path(sys.executable).with_name("tail-service"))
 
-from bench.batch_bench import free_port, peak_rss_mb, wait_line, wait_port  # noqa: E402
+from bench.batch_bench import free_port, peak_rss_mb, start_service, stop_all  # noqa: E402
 from tests.agent.scripted import agent_script  # noqa: E402
 from tests.fakes.openai_upstream import run_openai_upstream_in_thread  # noqa: E402
 
@@ -74,18 +70,7 @@ def main() -> None:
 
                 redis = EmbeddedRedis(state / "redis").start()
                 config["redis"] = {"url": redis.url()}
-            cfg = state / "bench.yaml"
-            cfg.write_text(yaml.safe_dump(config))
-            env = {**os.environ, "TAIL_CONFIG": str(cfg)}
-            env.pop("TAIL_SETTINGS_JSON", None)
-            http = subprocess.Popen([EXE, "serve"], env=env, stderr=subprocess.PIPE, text=True)
-            procs.append(http)
-            wait_port(http_port)
-            worker = subprocess.Popen(
-                [EXE, "worker", "--executor-id", "bench"], env=env, stderr=subprocess.PIPE, text=True
-            )
-            procs.append(worker)
-            wait_line(worker, "batch worker ready")
+            _, worker = start_service(state, config, http_port, procs)
             base = f"http://127.0.0.1:{http_port}/v1"
             with httpx.Client(base_url=base, timeout=120) as client:
                 chat = {"model": "fake-gpt", "messages": [{"role": "user", "content": SCRIPT}]}
@@ -144,13 +129,7 @@ def main() -> None:
                 )
             )
         finally:
-            for proc in reversed(procs):
-                proc.send_signal(signal.SIGTERM)
-            for proc in reversed(procs):
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
             if redis is not None:
                 redis.stop()
 

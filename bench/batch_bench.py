@@ -66,6 +66,40 @@ def wait_line(proc: subprocess.Popen[str], text: str, timeout: float = 120) -> N
     raise SystemExit(f"no {text!r} from {proc.args}")
 
 
+def stop_all(procs: list[subprocess.Popen[str]]) -> None:
+    """SIGTERM each process (the last started first), then wait; kill what hangs."""
+    for proc in reversed(procs):
+        proc.send_signal(signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def start_service(
+    state: Path, config: dict[str, object], port: int, procs: list[subprocess.Popen[str]]
+) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+    """``tail-service serve`` on ``config`` (listening on ``port``) and one ``tail-service
+    worker`` beside it, both ready; appended to ``procs``."""
+    cfg = state / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "TAIL_CONFIG": str(cfg)}
+    env.pop("TAIL_SETTINGS_JSON", None)
+    http = subprocess.Popen([EXE, "serve"], env=env, stderr=subprocess.PIPE, text=True)
+    procs.append(http)
+    wait_port(port)
+    worker = subprocess.Popen(
+        [EXE, "worker", "--executor-id", "bench"],
+        env={**env, "TAIL_LOG_LEVEL": "info"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(worker)
+    wait_line(worker, "batch worker ready")
+    return http, worker
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=50_000)
@@ -122,21 +156,7 @@ def main() -> None:
 
             pg = pgserver.get_server(str(state / "pg"), cleanup_mode="stop")
             config["store"] = {"database_url": pg.get_uri()}
-        cfg = state / "bench.yaml"
-        cfg.write_text(yaml.safe_dump(config))
-        env = {**os.environ, "TAIL_CONFIG": str(cfg)}
-        env.pop("TAIL_SETTINGS_JSON", None)
-        http = subprocess.Popen([EXE, "serve"], env=env, stderr=subprocess.PIPE, text=True)
-        procs.append(http)
-        wait_port(http_port)
-        worker = subprocess.Popen(
-            [EXE, "worker", "--executor-id", "bench"],
-            env={**env, "TAIL_LOG_LEVEL": "info"},
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(worker)
-        wait_line(worker, "batch worker ready")
+        http, worker = start_service(state, config, http_port, procs)
 
         source = state / "input.jsonl"
         with source.open("wb") as out:
@@ -191,13 +211,7 @@ def main() -> None:
             )
         )
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
         if redis is not None:
             redis.stop()
         if pg is not None:
