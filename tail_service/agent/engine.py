@@ -83,10 +83,6 @@ class _Ended(Exception):
         self.throttled = throttled
 
 
-def plan_of(row: RunRow, round_tools: Sequence[int] = ()) -> Plan:
-    return {"phase": row.phase, "step": row.next_step, "tools": list(round_tools)}
-
-
 class AgentEngine:
     """Runs the steps of agent runs stored in ``store``."""
 
@@ -127,6 +123,11 @@ class AgentEngine:
     def _time_left(self, row: RunRow) -> float:
         return self._limits(row).max_time_s - self._worked_ms(row) / 1000
 
+    async def _plan(self, row: RunRow) -> Plan:
+        """What comes next for the run as stored (a step that ran before returns this)."""
+        pending = [s.step_no for s in await self._round(row) if s.status == "pending"]
+        return {"phase": row.phase, "step": row.next_step, "tools": pending}
+
     async def _round(self, row: RunRow) -> list[StepRow]:
         """The tool steps of the run's current round (after its last model call)."""
         steps = await self.store.run(self.runs.steps, row.id)
@@ -166,27 +167,26 @@ class AgentEngine:
         resolved (MCP servers list theirs)."""
         row = await self._row(run_id)
         if row.segment != segment or row.status != "queued":
-            return plan_of(row, [s.step_no for s in await self._round(row) if s.status == "pending"])
+            return await self._plan(row)
         request = loads(row.request)
         now = self._clock()
         values: dict[str, Any] = {"status": "in_progress", "segment_started_at": now}
         if row.started_at is None:
             values["started_at"] = int(now)
+        expect = {"status": "queued", "segment": segment, "next_step": row.next_step}
         if row.tools is None:
             try:
                 catalog = await self._catalog(request["tools"])
             except CatalogError as exc:
                 err = {"code": "invalid_tools", "message": str(exc)}
-                expect = {"status": "queued", "segment": segment, "next_step": row.next_step}
                 return await self._end(row, expect, _Ended("failed", error=err))
             values["tools"] = dumps([t.to_dict() for t in catalog])
-        expect = {"status": "queued", "segment": segment, "next_step": row.next_step}
         started = dataclasses.replace(row, **values)
         await self.store.run(
             self.runs.advance, run_id, expect, values, [("run.in_progress", {"run": started.to_openai()})]
         )
         row = await self._row(run_id)
-        return plan_of(row, [s.step_no for s in await self._round(row) if s.status == "pending"])
+        return await self._plan(row)
 
     async def _catalog(self, requested: Sequence[Mapping[str, Any]]) -> list[CatalogTool]:
         servers = {t["server"] for t in requested if t["type"] == "mcp"}
@@ -214,7 +214,7 @@ class AgentEngine:
         row = await self._row(run_id)
         expect = {"next_step": step_no, "phase": "model"}
         if row.next_step != step_no or row.phase != "model":
-            return plan_of(row, [s.step_no for s in await self._round(row) if s.status == "pending"])
+            return await self._plan(row)
         limits = self._limits(row)
         try:
             self._check_limits(row, limits)
@@ -500,7 +500,7 @@ class AgentEngine:
         row = await self._row(run_id)
         expect = {"next_step": step_no, "phase": "tools"}
         if row.next_step != step_no or row.phase != "tools":
-            return plan_of(row)
+            return await self._plan(row)
         round_steps = await self._round(row)
         waiting = [s for s in round_steps if s.status in ("awaiting_output", "awaiting_approval")]
         if waiting:
