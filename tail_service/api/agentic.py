@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -130,9 +130,13 @@ def _check_tools(
         names[name] = i
 
 
-def _chat_check(req: AgenticRequest, body: Mapping[str, Any], messages: list[Any]) -> dict[str, Any]:
-    """The sampling fields, checked (with the messages) exactly as chat completions checks them."""
+def _chat_check(
+    req: AgenticRequest, body: Mapping[str, Any], messages: list[Any], extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The sampling fields (with ``extra``, passed through), checked with the messages
+    exactly as chat completions checks them."""
     sampling = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
+    sampling.update(extra)
     chat: dict[str, Any] = {"model": req.model, "messages": messages, **sampling}
     functions = [t.model_dump(exclude_none=True) for t in req.tools if t.type == "function"]
     if functions:
@@ -153,6 +157,23 @@ async def create_run(request: Request) -> Response:
     services = get_services(request)
     principal = await authenticate(request, services)
     body, _ = await read_json(request, services.settings.server, services.large_body_gate)
+    row, req = await start_run(services, principal, body)
+    return await _answer(request, services, row.id, stream=req.stream, background=req.background, after=-1)
+
+
+async def start_run(
+    services: Services,
+    principal: Principal,
+    body: Mapping[str, Any],
+    *,
+    run_id: str | None = None,
+    extra_sampling: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    steps: Sequence[NewStep] = (),
+) -> tuple[RunRow, AgenticRequest]:
+    """Validate an agentic request ``body`` and store it as a queued run (with ``steps``
+    already planned: the run then starts with them). Other front ends (the Responses
+    API) give their own id, pass-through sampling fields, and what they keep beside."""
     _check_locations(body)
     req = parse_as(AgenticRequest, body)
     check_model_access(principal, req.model)
@@ -165,7 +186,7 @@ async def create_run(request: Request) -> Response:
         )
     _check_tools(req, principal, services, services.builtin_tools)
     messages = req.messages if req.messages is not None else [{"role": "user", "content": req.input}]
-    sampling = _chat_check(req, body, messages)
+    sampling = _chat_check(req, body, messages, extra_sampling or {})
     policy = services.settings.agent
     limits = resolve_limits(
         {
@@ -186,10 +207,10 @@ async def create_run(request: Request) -> Response:
         "tool_choice": req.tool_choice,
         "sampling": sampling,
         "limits": limits.to_dict(),
+        **(extra or {}),
     }
-    now = int(time.time())
     values = {
-        "id": new_run_id(),
+        "id": run_id or new_run_id(),
         "tenant": principal.tenant,
         "key_id": principal.key_id,
         "principal": principal_to_json(principal),
@@ -200,11 +221,13 @@ async def create_run(request: Request) -> Response:
         "messages": dumps(messages),
         "segment": 0,
         "metadata": dumps(req.metadata) if req.metadata else None,
-        "created_at": now,
+        "created_at": int(time.time()),
     }
-    row = await services.store.run(_runs(services).create, values)
+    if steps:  # a run that starts with tool calls (approved in the request that made it)
+        values.update(phase="tools", next_step=len(steps))
+    row = await services.store.run(_runs(services).create, values, steps)
     services.wake_agents()
-    return await _answer(request, services, row.id, stream=req.stream, background=req.background, after=-1)
+    return row, req
 
 
 async def _answer(
@@ -214,7 +237,7 @@ async def _answer(
     if stream:
         return await _event_stream(request, services, run_id, after)
     if not background:
-        await race_disconnect(request.receive, _until_resting(services, run_id))
+        await race_disconnect(request.receive, until_resting(services, run_id))
     return await _render(services, run_id)
 
 
@@ -227,7 +250,7 @@ async def _render(services: Services, run_id: str) -> Response:
     return json_response(row.to_openai(steps))
 
 
-async def _until_resting(services: Services, run_id: str) -> None:
+async def until_resting(services: Services, run_id: str) -> None:
     """Wait until the run ends or pauses (bounded by the server's request timeout; the run
     goes on either way)."""
     runs = _runs(services)
@@ -243,7 +266,7 @@ async def _until_resting(services: Services, run_id: str) -> None:
         await asyncio.sleep(_poll(services, active))
 
 
-async def _events(services: Services, run_id: str, after: int) -> AsyncGenerator[tuple[str, bytes], None]:
+async def events_of(services: Services, run_id: str, after: int) -> AsyncGenerator[tuple[str, bytes], None]:
     """The run's events numbered above ``after``, as they are stored, up to the next event
     that ends a stream; or none if the run rests and has nothing newer."""
     runs = _runs(services)
@@ -283,7 +306,7 @@ def _error_frame(exc: BaseException, rid: str) -> bytes:
 
 
 async def _event_stream(request: Request, services: Services, run_id: str, after: int) -> Response:
-    events = _events(services, run_id, after)
+    events = events_of(services, run_id, after)
     first = await race_disconnect(request.receive, anext(events, None))
     if first is None:
         await events.aclose()

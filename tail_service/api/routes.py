@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tail_service.api import agentic, batches, files, health, inference, models
+from tail_service.api import agentic, batches, files, health, inference, models, responses
 from tail_service.schemas.agentic import AgenticRequest, SubmitRequest
 from tail_service.schemas.batch import CreateBatchRequest, SyncBatchRequest
 from tail_service.schemas.chat import ChatCompletionRequest
@@ -34,6 +34,23 @@ ROUTES: list[tuple[str, str, Callable[..., Any], type | None, str]] = [
     ("POST", "/v1/agentic/{run_id}/cancel", agentic.cancel_run, None, "Cancel an agent run"),
     ("POST", "/v1/agentic/{run_id}/submit", agentic.submit_run, SubmitRequest, "Continue a paused agent run"),
     ("GET", "/v1/agentic/{run_id}/events", agentic.run_events, None, "Stream an agent run's events"),
+    ("POST", "/v1/responses", responses.create_response, None, "Create a response (the Responses API)"),
+    ("GET", "/v1/responses/{response_id}", responses.retrieve_response, None, "Retrieve a response"),
+    ("DELETE", "/v1/responses/{response_id}", responses.delete_response, None, "Delete a response"),
+    (
+        "POST",
+        "/v1/responses/{response_id}/cancel",
+        responses.cancel_response,
+        None,
+        "Cancel a background response",
+    ),
+    (
+        "GET",
+        "/v1/responses/{response_id}/input_items",
+        responses.list_input_items,
+        None,
+        "List a response's input items",
+    ),
     ("GET", "/health", health.health, None, "Dependencies and their state"),
     ("GET", "/livez", health.livez, None, "Liveness probe"),
     ("GET", "/readyz", health.readyz, None, "Readiness probe"),

@@ -129,10 +129,12 @@ class AgentStore:
 
     # -- runs ---------------------------------------------------------------------------
 
-    def create(self, values: Mapping[str, Any]) -> RunRow:
-        """Insert a run with its first event, ``run.created``."""
+    def create(self, values: Mapping[str, Any], steps: Sequence[NewStep] = ()) -> RunRow:
+        """Insert a run (with the steps it starts with) and its first event, ``run.created``."""
         with self._engine.begin() as conn:
             conn.execute(sa.insert(agent_runs).values(**values))
+            for step_no, kind, status, data in steps:
+                self._put_step(conn, values["id"], step_no, kind, status, data)
             row = RunRow.from_row(
                 conn.execute(sa.select(agent_runs).where(agent_runs.c.id == values["id"])).one()
             )
@@ -146,6 +148,17 @@ class AgentStore:
                 sa.select(agent_runs).where(agent_runs.c.id == run_id, agent_runs.c.tenant == tenant)
             ).first()
         return None if row is None else RunRow.from_row(row)
+
+    def delete(self, tenant: str, run_id: str) -> bool:
+        """Delete a run with its steps and events; ``False`` if the tenant has no such run."""
+        with self._engine.begin() as conn:
+            gone = conn.execute(
+                sa.delete(agent_runs).where(agent_runs.c.id == run_id, agent_runs.c.tenant == tenant)
+            ).rowcount
+            if gone:
+                conn.execute(sa.delete(agent_steps).where(agent_steps.c.run_id == run_id))
+                conn.execute(sa.delete(agent_events).where(agent_events.c.run_id == run_id))
+        return bool(gone)
 
     def get_any(self, run_id: str) -> RunRow | None:
         with self._engine.connect() as conn:

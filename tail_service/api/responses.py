@@ -1,0 +1,362 @@
+"""``/v1/responses``: OpenAI's Responses API, served by the agent engine.
+
+A response is an agent run with a ``resp_`` id (see :mod:`tail_service.core.responses` for
+the translation). It is stored like any run, scoped to the tenant; ``previous_response_id``
+rebuilds the conversation from the store, so it works on any replica after any restart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tail_service.api.agentic import events_of, start_run, until_resting
+from tail_service.api.body import read_json
+from tail_service.api.deps import authenticate, get_services, json_response, request_id
+from tail_service.api.sse import SSEResponse, race_disconnect
+from tail_service.core import responses as rx
+from tail_service.core.types import Principal
+from tail_service.errors import InvalidRequestError, NotFoundError, TailError
+from tail_service.services import Services
+from tail_service.store.agent import AgentStore, NewStep, RunRow, StepRow, loads
+
+
+def new_response_id() -> str:
+    return f"resp_{time.time_ns():016x}{os.urandom(8).hex()}"
+
+
+def _no_such_response(response_id: str) -> NotFoundError:
+    return NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+
+
+def _runs(services: Services) -> AgentStore:
+    return AgentStore(services.store)
+
+
+def response_object(row: RunRow, steps: list[StepRow]) -> dict[str, Any]:
+    """The stored run as an OpenAI ``Response``."""
+    request = loads(row.request)
+    meta: dict[str, Any] = request.get("responses") or {}
+    catalog = loads(row.tools) or []
+    status = rx.response_status(row.status)
+    out = {
+        "id": row.id,
+        "object": "response",
+        "created_at": row.created_at,
+        "status": status,
+        "background": row.background,
+        "error": rx.error_object(loads(row.error)),
+        "incomplete_details": rx.incomplete_details(row.incomplete_reason, status),
+        "model": row.model,
+        "output": rx.output_items(row.id, catalog, [s.data for s in steps]),
+        "previous_response_id": meta.get("previous_response_id"),
+        "reasoning": {"effort": meta.get("reasoning_effort"), "summary": None},
+        "store": meta.get("store", True),
+        "text": meta.get("text") or {"format": {"type": "text"}},
+        "tool_choice": meta.get("tool_choice") or "auto",
+        "tools": meta.get("tools") or [],
+        "truncation": "disabled",
+        "usage": rx.usage(row.prompt_tokens, row.completion_tokens) if status != "queued" else None,
+        "metadata": loads(row.metadata) or {},
+    }
+    for name in rx.ECHOED_FIELDS:
+        out[name] = meta.get(name)
+    if out["parallel_tool_calls"] is None:
+        out["parallel_tool_calls"] = True
+    return out
+
+
+async def _snapshot(services: Services, run_id: str) -> dict[str, Any]:
+    runs = _runs(services)
+    row = await services.store.run(runs.get_any, run_id)
+    if row is None:
+        raise _no_such_response(run_id)
+    return response_object(row, await services.store.run(runs.steps, run_id))
+
+
+def _check_body(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.")
+    for name in ("stream", "background", "store"):
+        if name in body and body[name] is not None and not isinstance(body[name], bool):
+            raise InvalidRequestError(
+                f"Invalid type for '{name}': expected a boolean.", param=name, code="invalid_type"
+            )
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidRequestError(
+            "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
+        )
+    if body.get("input") is None:
+        raise InvalidRequestError(
+            "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
+        )
+    return body
+
+
+async def _history(
+    services: Services, principal: Principal, previous_id: str, cont: rx.Continuation
+) -> tuple[list[dict[str, Any]], list[NewStep]]:
+    """The conversation of the previous response, and the calls it left open, answered by
+    this request's items: their results become the new run's first steps."""
+    runs = _runs(services)
+    prev = await services.store.run(runs.get, principal.tenant, previous_id)
+    if prev is None or not (loads(prev.request).get("responses") or {}).get("store", True):
+        raise InvalidRequestError(
+            f"Previous response with id '{previous_id}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    messages: list[dict[str, Any]] = loads(prev.messages)
+    if (loads(prev.request).get("responses") or {}).get("instructions"):
+        messages = messages[1:]  # instructions do not carry over to the next response
+    output = loads(prev.output)
+    if prev.status == "completed" and output:
+        messages.append(output)
+    if prev.status != "requires_action":
+        return messages, []
+    steps: list[NewStep] = []
+    round_steps = [s for s in await services.store.run(runs.steps, prev.id) if s.type == "tool_call"]
+    last_model = max(
+        s.step_no for s in await services.store.run(runs.steps, prev.id) if s.type == "model_call"
+    )
+    for step in (s for s in round_steps if s.step_no > last_model):
+        data = {k: v for k, v in step.data.items() if k not in ("started_at", "completed_at", "duration_ms")}
+        call_id = data["tool_call_id"]
+        data["index"] = len(steps)
+        data["id"] = f"step_{len(steps)}"
+        if step.status == "awaiting_output":
+            if call_id not in cont.outputs:
+                raise InvalidRequestError(
+                    f"No tool output found for function call {call_id}.",
+                    param="input",
+                    code="missing_tool_output",
+                )
+            data.update(status="completed", output=cont.outputs[call_id])
+        elif step.status == "awaiting_approval":
+            approval = rx.approval_id(prev.id, call_id)
+            answer = cont.approvals.get(approval)
+            if answer is None:
+                raise InvalidRequestError(
+                    f"No approval response found for MCP approval request {approval}.",
+                    param="input",
+                    code="missing_approval_response",
+                )
+            approve, reason = answer
+            data["approval_request_id"] = approval
+            if approve:
+                data.update(status="pending", approved=True)
+            else:
+                denial = "The user denied this tool call" + (f": {reason}" if reason else ".")
+                data.update(status="denied", approved=False, error=denial)
+        steps.append((len(steps), "tool_call", data["status"], data))
+    return messages, steps
+
+
+async def create_response(request: Request) -> Response:
+    """``POST /v1/responses``."""
+    services = get_services(request)
+    principal = await authenticate(request, services)
+    raw, _ = await read_json(request, services.settings.server, services.large_body_gate)
+    body = _check_body(raw)
+    new_messages, cont = rx.input_messages(body["input"])
+    messages: list[dict[str, Any]] = []
+    steps: list[NewStep] = []
+    previous = body.get("previous_response_id")
+    if previous is not None:
+        if not isinstance(previous, str):
+            raise InvalidRequestError("Invalid 'previous_response_id'.", param="previous_response_id")
+        messages, steps = await _history(services, principal, previous, cont)
+        if steps and new_messages:
+            raise InvalidRequestError(
+                "Send tool outputs and approval responses for the previous response on their own; "
+                "add new input in the next request.",
+                param="input",
+            )
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise InvalidRequestError(
+            "Invalid 'instructions': expected a string.", param="instructions", code="invalid_type"
+        )
+    if instructions:
+        messages.insert(0, {"role": "system", "content": instructions})
+    messages.extend(new_messages)
+    if not messages:
+        raise InvalidRequestError("The input has no messages.", param="input")
+    agentic: dict[str, Any] = {
+        "model": body["model"],
+        "messages": messages,
+        "tools": rx.agent_tools(body.get("tools")),
+        "stream": bool(body.get("stream")),
+        "background": bool(body.get("background")),
+    }
+    if body.get("tool_choice") is not None:
+        agentic["tool_choice"] = rx.tool_choice(body["tool_choice"])
+    for ours, theirs in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("parallel_tool_calls", "parallel_tool_calls"),
+        ("user", "user"),
+    ):
+        if body.get(theirs) is not None:
+            agentic[ours] = body[theirs]
+    if body.get("max_output_tokens") is not None:
+        agentic["max_completion_tokens"] = body["max_output_tokens"]
+    if body.get("max_tool_calls") is not None:
+        agentic["max_tool_calls"] = body["max_tool_calls"]
+    fmt = rx.response_format(body.get("text"))
+    if fmt is not None:
+        agentic["response_format"] = fmt
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    if effort is not None:
+        agentic["reasoning_effort"] = effort
+    if body.get("metadata"):
+        agentic["metadata"] = body["metadata"]
+    passthrough = {k: v for k, v in body.items() if k not in rx.CONSUMED}
+    meta = {name: body.get(name) for name in rx.ECHOED_FIELDS}
+    meta.update(
+        tools=[t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") != "builtin"],
+        tool_choice=body.get("tool_choice"),
+        store=body.get("store", True) is not False,
+        reasoning_effort=effort,
+        previous_response_id=previous,
+        input_items=rx.input_items(body["input"]),
+    )
+    row, _ = await start_run(
+        services,
+        principal,
+        agentic,
+        run_id=new_response_id(),
+        extra_sampling=passthrough,
+        extra={"responses": meta},
+        steps=steps,
+    )
+    if agentic["stream"]:
+        return await _stream(request, services, row.id)
+    if not agentic["background"]:
+        await race_disconnect(request.receive, until_resting(services, row.id))
+    return json_response(await _snapshot(services, row.id))
+
+
+def _frame(item: tuple[str, bytes]) -> bytes:
+    kind, data = item
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+
+async def _translated(services: Services, run_id: str, after: int) -> AsyncGenerator[tuple[str, bytes], None]:
+    translator = rx.StreamTranslator(run_id)
+    seq = 0
+    async for kind, data in events_of(services, run_id, after):
+        event = orjson.loads(data)
+        snapshot = None
+        if kind in ("run.created", "run.in_progress") or kind in rx.END_EVENTS:
+            snapshot = await _snapshot(services, run_id)
+            if kind == "run.in_progress":
+                row = await services.store.run(_runs(services).get_any, run_id)
+                translator.catalog = {t["name"]: t for t in (loads(row.tools) if row else None) or []}
+        for name, fields in translator.feed(kind, event, snapshot):
+            yield name, orjson.dumps({"type": name, "sequence_number": seq, **fields})
+            seq += 1
+
+
+def _error_frame(exc: BaseException, rid: str) -> bytes:
+    error = exc if isinstance(exc, TailError) else TailError(f"The stream failed (request id {rid}).")
+    body = error.body()["error"]
+    payload = {
+        "type": "error",
+        "code": body.get("code"),
+        "message": body["message"],
+        "param": body.get("param"),
+    }
+    return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def _stream(request: Request, services: Services, run_id: str) -> Response:
+    events = _translated(services, run_id, -1)
+    first = await race_disconnect(request.receive, anext(events, None))
+    if first is None:
+        await events.aclose()
+        return Response(b"", media_type="text/event-stream")
+    return SSEResponse(
+        first,
+        events,
+        request_id=request_id(request),
+        keepalive=services.settings.server.sse_keepalive,
+        framer=_frame,
+        done=None,
+        error_framer=_error_frame,
+    )
+
+
+async def _owned(request: Request) -> tuple[Services, Principal, RunRow]:
+    services = get_services(request)
+    principal = await authenticate(request, services)
+    response_id = request.path_params["response_id"]
+    row = await services.store.run(_runs(services).get, principal.tenant, response_id)
+    if row is None or not response_id.startswith("resp_") or not _stored(row):
+        raise _no_such_response(response_id)
+    return services, principal, row
+
+
+def _stored(row: RunRow) -> bool:
+    return bool((loads(row.request).get("responses") or {}).get("store", True))
+
+
+async def retrieve_response(request: Request) -> Response:
+    """``GET /v1/responses/{id}`` (``?stream=true`` replays its events)."""
+    services, _, row = await _owned(request)
+    if request.query_params.get("stream") == "true":
+        return await _stream(request, services, row.id)
+    return json_response(await _snapshot(services, row.id))
+
+
+async def delete_response(request: Request) -> Response:
+    """``DELETE /v1/responses/{id}``."""
+    services, principal, row = await _owned(request)
+    await services.store.run(_runs(services).delete, principal.tenant, row.id)
+    return json_response({"id": row.id, "object": "response.deleted", "deleted": True})
+
+
+async def cancel_response(request: Request) -> Response:
+    """``POST /v1/responses/{id}/cancel``: background responses only."""
+    services, principal, row = await _owned(request)
+    if not row.background:
+        raise InvalidRequestError(
+            "Only responses created with background=true can be cancelled.", param="response_id"
+        )
+    await services.store.run(_runs(services).request_cancel, principal.tenant, row.id, int(time.time()))
+    return json_response(await _snapshot(services, row.id))
+
+
+async def list_input_items(request: Request) -> Response:
+    """``GET /v1/responses/{id}/input_items?after=&limit=&order=``."""
+    _, _, row = await _owned(request)
+    items: list[dict[str, Any]] = (loads(row.request).get("responses") or {}).get("input_items") or []
+    order = request.query_params.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequestError("Invalid 'order': must be asc or desc.", param="order")
+    raw_limit = request.query_params.get("limit", "20")
+    limit = int(raw_limit) if raw_limit.isdigit() else 0
+    if not 1 <= limit <= 100:
+        raise InvalidRequestError("Invalid 'limit': must be an integer from 1 to 100.", param="limit")
+    ordered = items if order == "asc" else list(reversed(items))
+    after = request.query_params.get("after")
+    if after:
+        ids = [i["id"] for i in ordered]
+        ordered = ordered[ids.index(after) + 1 :] if after in ids else []
+    page = ordered[:limit]
+    return json_response(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(ordered) > limit,
+        }
+    )
