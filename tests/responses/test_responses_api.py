@@ -46,9 +46,7 @@ def chat_bodies(upstream: FakeOpenAI) -> list[dict[str, Any]]:
     return [r.json for r in upstream.requests if r.path == "/v1/chat/completions"]
 
 
-def test_text_response_retrieve_input_items_and_delete(
-    app: RunningApp, upstream: FakeOpenAI, worker: Any = None
-) -> None:
+def test_text_response_retrieve_input_items_and_delete(app: RunningApp, upstream: FakeOpenAI) -> None:
     client = app.strict_client()
     resp = client.responses.create(
         model="gpt-test", input="hello there", instructions="Be brief.", metadata={"k": "v"}
