@@ -114,6 +114,8 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path, request: pytest.Fixtu
     paris = next(i for i, ln in enumerate(lines) if "Paris" in ln)  # the first answer
     dims = lines.index("384")  # the embedding's length, printed last by quickstart.py
     assert any(ln.strip() for ln in lines[paris + 1 : dims]), res.stdout  # the streamed answer
+    said = next(ln for ln in lines if ln.startswith("responses: "))  # client.responses.create
+    assert said[len("responses: ") :].strip(), res.stdout
     # curl's response (it ends without a newline: the batch block's output follows on its line)
     answer, _ = json.JSONDecoder().raw_decode("\n".join(lines[dims + 1 :]))
     assert lines[-1].split() == ["3", "requests.output.jsonl"], lines[-5:]  # the batch block's
