@@ -35,7 +35,7 @@ from tail_service.core.agent import (
     usage_object,
 )
 from tail_service.core.auth import principal_from_json
-from tail_service.core.batch import TRANSIENT
+from tail_service.core.batch import TRANSIENT, usage_details
 from tail_service.core.cache import ChatAccumulator
 from tail_service.core.inference import InferenceService
 from tail_service.core.tools import Tool, ToolError, ToolSpec, builtin_tools, cut_text, parse_arguments
@@ -274,7 +274,9 @@ class AgentEngine:
             completed_at=done,
             duration_ms=int((done - started) * 1000),
             output={"message": message, "finish_reason": finish},
-            usage=usage_object(usage.prompt_tokens, usage.completion_tokens),
+            usage=usage_object(
+                usage.prompt_tokens, usage.completion_tokens, *usage_details(answer.get("usage"))
+            ),
             rate_limited=throttled,
         )
         model_step: NewStep = (step_no, "model_call", "completed", step)

@@ -21,8 +21,11 @@ from tail_service.api.body import read_json
 from tail_service.api.deps import authenticate, get_services, json_response, request_id
 from tail_service.api.sse import SSEResponse, race_disconnect
 from tail_service.core import responses as rx
-from tail_service.core.types import Principal
+from tail_service.core.auth import check_model_access
+from tail_service.core.types import Endpoint, Principal
 from tail_service.errors import InvalidRequestError, NotFoundError, TailError
+from tail_service.schemas.common import parse_as
+from tail_service.schemas.responses import CreateResponseRequest
 from tail_service.services import Services
 from tail_service.store.agent import AgentStore, NewStep, RunRow, StepRow, loads
 
@@ -62,7 +65,9 @@ def response_object(row: RunRow, steps: list[StepRow]) -> dict[str, Any]:
         "tool_choice": meta.get("tool_choice") or "auto",
         "tools": meta.get("tools") or [],
         "truncation": "disabled",
-        "usage": rx.usage(row.prompt_tokens, row.completion_tokens) if status != "queued" else None,
+        "usage": rx.usage(row.prompt_tokens, row.completion_tokens, *_details(steps))
+        if status != "queued"
+        else None,
         "metadata": loads(row.metadata) or {},
     }
     for name in rx.ECHOED_FIELDS:
@@ -70,6 +75,16 @@ def response_object(row: RunRow, steps: list[StepRow]) -> dict[str, Any]:
     if out["parallel_tool_calls"] is None:
         out["parallel_tool_calls"] = True
     return out
+
+
+def _details(steps: list[StepRow]) -> tuple[int, int]:
+    """Cached prompt tokens and reasoning tokens, summed over the model calls."""
+    cached = reasoning = 0
+    for step in steps:
+        usage = step.data.get("usage") or {}
+        cached += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        reasoning += (usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
+    return cached, reasoning
 
 
 async def _snapshot(services: Services, run_id: str) -> dict[str, Any]:
@@ -80,23 +95,37 @@ async def _snapshot(services: Services, run_id: str) -> dict[str, Any]:
     return response_object(row, await services.store.run(runs.steps, run_id))
 
 
-def _check_body(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidRequestError("The request body must be a JSON object.")
-    for name in ("stream", "background", "store"):
-        if name in body and body[name] is not None and not isinstance(body[name], bool):
-            raise InvalidRequestError(
-                f"Invalid type for '{name}': expected a boolean.", param=name, code="invalid_type"
-            )
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise InvalidRequestError(
-            "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
+async def _resolve_references(services: Services, principal: Principal, raw: Any) -> Any:
+    """``input`` with each ``item_reference`` to an earlier answer of the tenant's replaced
+    by that message (an unknown one is left for the translation to refuse)."""
+    if not isinstance(raw, list) or not any(
+        isinstance(i, dict) and i.get("type") == "item_reference" for i in raw
+    ):
+        return raw
+    runs = _runs(services)
+    out = []
+    for item in raw:
+        found = (
+            rx.parse_message_id(str(item.get("id")))
+            if isinstance(item, dict) and item.get("type") == "item_reference"
+            else None
         )
-    if body.get("input") is None:
-        raise InvalidRequestError(
-            "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
+        if found is None:
+            out.append(item)
+            continue
+        run_id, step_no = found
+        row = await services.store.run(runs.get, principal.tenant, run_id)
+        step = await services.store.run(runs.step, run_id, step_no) if row is not None else None
+        message = (
+            (step.data.get("output") or {}).get("message")
+            if step is not None and step.type == "model_call"
+            else None
         )
-    return body
+        if not message or not message.get("content"):
+            out.append(item)
+            continue
+        out.append({"type": "message", "role": "assistant", "content": message["content"]})
+    return out
 
 
 async def _history(
@@ -162,9 +191,11 @@ async def create_response(request: Request) -> Response:
     """``POST /v1/responses``."""
     services = get_services(request)
     principal = await authenticate(request, services)
-    raw, _ = await read_json(request, services.settings.server, services.large_body_gate)
-    body = _check_body(raw)
-    new_messages, cont = rx.input_messages(body["input"])
+    body, _ = await read_json(request, services.settings.server, services.large_body_gate)
+    parse_as(CreateResponseRequest, body)
+    check_model_access(principal, body["model"])
+    services.router.deployments(body["model"], Endpoint.CHAT)  # 404 / 400 before the rest
+    new_messages, cont = rx.input_messages(await _resolve_references(services, principal, body["input"]))
     messages: list[dict[str, Any]] = []
     steps: list[NewStep] = []
     previous = body.get("previous_response_id")

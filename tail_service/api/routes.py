@@ -11,6 +11,7 @@ from tail_service.schemas.batch import CreateBatchRequest, SyncBatchRequest
 from tail_service.schemas.chat import ChatCompletionRequest
 from tail_service.schemas.completions import CompletionRequest
 from tail_service.schemas.embeddings import EmbeddingRequest
+from tail_service.schemas.responses import CreateResponseRequest
 
 #: (method, path, handler, request schema for the OpenAPI document, summary)
 ROUTES: list[tuple[str, str, Callable[..., Any], type | None, str]] = [
@@ -34,7 +35,7 @@ ROUTES: list[tuple[str, str, Callable[..., Any], type | None, str]] = [
     ("POST", "/v1/agentic/{run_id}/cancel", agentic.cancel_run, None, "Cancel an agent run"),
     ("POST", "/v1/agentic/{run_id}/submit", agentic.submit_run, SubmitRequest, "Continue a paused agent run"),
     ("GET", "/v1/agentic/{run_id}/events", agentic.run_events, None, "Stream an agent run's events"),
-    ("POST", "/v1/responses", responses.create_response, None, "Create a response (the Responses API)"),
+    ("POST", "/v1/responses", responses.create_response, CreateResponseRequest, "Create a response"),
     ("GET", "/v1/responses/{response_id}", responses.retrieve_response, None, "Retrieve a response"),
     ("DELETE", "/v1/responses/{response_id}", responses.delete_response, None, "Delete a response"),
     (

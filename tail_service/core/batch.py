@@ -204,7 +204,7 @@ class LineResult:
 TRANSIENT = (RateLimitError, UpstreamUnavailableError, UpstreamConnectionError, UpstreamTimeoutError)
 
 
-def _usage_details(usage: Any) -> tuple[int, int]:
+def usage_details(usage: Any) -> tuple[int, int]:
     """``(cached prompt tokens, reasoning tokens)`` from an OpenAI usage object."""
     if not isinstance(usage, dict):
         return 0, 0
@@ -246,7 +246,7 @@ async def execute_line(
         if isinstance(exc, TRANSIENT):
             retry = exc.retry_after if exc.retry_after is not None else 1.0
         return LineResult(exc.http_status, exc.body(), request_id, retry_after=retry)
-    cached, reasoning = _usage_details(answer.body.get("usage"))
+    cached, reasoning = usage_details(answer.body.get("usage"))
     return LineResult(
         200,
         answer.body,

@@ -189,6 +189,8 @@ def input_messages(raw: Any, param: str = "input") -> tuple[list[dict[str, Any]]
                 )
             reason = item.get("reason")
             cont.approvals[request_id] = (approve, reason if isinstance(reason, str) else None)
+        elif kind == "item_reference":
+            raise _bad(f"Invalid '{where}.id': no stored item has this id.", f"{where}.id")
         elif kind in ("reasoning", "mcp_list_tools", "mcp_approval_request", "mcp_call"):
             continue  # earlier output items a stateless client sends back: the model needs none
         else:
@@ -327,9 +329,24 @@ def item_id(prefix: str, run_id: str, *parts: object) -> str:
     return f"{prefix}_{digest}"
 
 
+def message_id(run_id: str, step_no: int) -> str:
+    """A message item's id names its response and model call, so an ``item_reference`` to
+    it (the Vercel AI SDK sends earlier answers so) is found in the store."""
+    return f"msg_{run_id.removeprefix('resp_')}_{step_no}"
+
+
+def parse_message_id(value: str) -> tuple[str, int] | None:
+    """``(response id, step number)`` of an id made by :func:`message_id`."""
+    body = value.removeprefix("msg_")
+    run, _, step = body.rpartition("_")
+    if not value.startswith("msg_") or not run or not step.isdigit():
+        return None
+    return f"resp_{run}", int(step)
+
+
 def message_item(run_id: str, step_no: int, text: str, status: str = "completed") -> dict[str, Any]:
     return {
-        "id": item_id("msg", run_id, step_no),
+        "id": message_id(run_id, step_no),
         "type": "message",
         "status": status,
         "role": "assistant",
@@ -561,7 +578,7 @@ class StreamTranslator:
             out.extend(self._open_message(step))
         assert self._open is not None
         self._open[2].append(text)
-        item = item_id("msg", self.run_id, step)
+        item = message_id(self.run_id, step)
         out.append(
             (
                 "response.output_text.delta",

@@ -237,3 +237,33 @@ def test_refusals(app: RunningApp) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
         assert http.post("/v1/responses", json={"model": "gpt-test"}).status_code == 400
         assert http.get("/v1/responses/resp_nope").status_code == 404
+
+
+def test_item_references_and_unknown_fields_pass_through(app: RunningApp, upstream: FakeOpenAI) -> None:
+    """The Vercel AI SDK sends an earlier answer back as an ``item_reference``; other
+    clients' vendor fields go on to the model as on the other endpoints."""
+    client = app.strict_client()
+    first = client.responses.create(model="gpt-test", input="first question")
+    [message] = [o for o in first.output if o.type == "message"]
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        body = {
+            "model": "gpt-test",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "first question"}]},
+                {"type": "item_reference", "id": message.id},
+                {"role": "user", "content": "second question"},
+            ],
+            "seed": 7,
+        }
+        r = http.post("/v1/responses", json=body)
+        assert r.status_code == 200, r.text
+        sent = chat_bodies(upstream)[-1]
+        assert sent["seed"] == 7
+        assert sent["messages"] == [
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "Answer: first question"},
+            {"role": "user", "content": "second question"},
+        ]
+        body["input"][1]["id"] = "msg_nope_1"  # type: ignore[index]
+        r = http.post("/v1/responses", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input[1].id", r.text
