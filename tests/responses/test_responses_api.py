@@ -267,3 +267,15 @@ def test_item_references_and_unknown_fields_pass_through(app: RunningApp, upstre
         body["input"][1]["id"] = "msg_nope_1"  # type: ignore[index]
         r = http.post("/v1/responses", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "input[1].id", r.text
+
+
+def test_a_stored_response_replays_its_stream(app: RunningApp) -> None:
+    client = app.strict_client()
+    with client.responses.stream(model="gpt-test", input="replay me") as stream:
+        live = [e.type for e in stream]
+        final = stream.get_final_response()
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        r = http.get(f"/v1/responses/{final.id}", params={"stream": "true"})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    replayed = [line[len("event: ") :] for line in r.text.splitlines() if line.startswith("event: ")]
+    assert replayed == live and live[-1] == "response.completed"
