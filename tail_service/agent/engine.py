@@ -56,6 +56,8 @@ DELTA_FLUSH = 0.1
 #: transient upstream failures a model call is tried again for
 TRANSIENT_RETRIES = 3
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
+#: the plan of a run that was deleted meanwhile
+_GONE: Plan = {"phase": "end", "step": -1, "tools": []}
 
 
 class McpTools(Protocol):
@@ -107,11 +109,10 @@ class AgentEngine:
 
     # -- helpers ------------------------------------------------------------------------
 
-    async def _row(self, run_id: str) -> RunRow:
-        row = await self.store.run(self.runs.get_any, run_id)
-        if row is None:
-            raise LookupError(f"agent run {run_id} is gone")
-        return row
+    async def _row(self, run_id: str) -> RunRow | None:
+        """The run as stored; ``None`` once it was deleted (a response's ``DELETE``): the
+        workflow then just ends."""
+        return await self.store.run(self.runs.get_any, run_id)
 
     def _worked_ms(self, row: RunRow) -> int:
         started = row.segment_started_at or self._clock()
@@ -166,6 +167,8 @@ class AgentEngine:
         """Start a segment: the run is ``in_progress``; on its first segment the tools are
         resolved (MCP servers list theirs)."""
         row = await self._row(run_id)
+        if row is None:
+            return _GONE
         if row.segment != segment or row.status != "queued":
             return await self._plan(row)
         request = loads(row.request)
@@ -186,7 +189,7 @@ class AgentEngine:
             self.runs.advance, run_id, expect, values, [("run.in_progress", {"run": started.to_openai()})]
         )
         row = await self._row(run_id)
-        return await self._plan(row)
+        return await self._plan(row) if row is not None else _GONE
 
     async def _catalog(self, requested: Sequence[Mapping[str, Any]]) -> list[CatalogTool]:
         servers = {t["server"] for t in requested if t["type"] == "mcp"}
@@ -212,6 +215,8 @@ class AgentEngine:
         or a round of tool calls. The call's step, the tool steps it plans and the run's
         new state are written in one transaction."""
         row = await self._row(run_id)
+        if row is None:
+            return _GONE
         expect = {"next_step": step_no, "phase": "model"}
         if row.next_step != step_no or row.phase != "model":
             return await self._plan(row)
@@ -375,7 +380,10 @@ class AgentEngine:
             raise _Ended("failed", error=exc.body()["error"]) from None
         throttled = transient = 0
         while True:
-            left = self._time_left(await self._row(row.id))
+            now = await self._row(row.id)
+            if now is None:
+                raise _Ended("cancelled", throttled=throttled)
+            left = self._time_left(now)
             if left <= 0:
                 raise _Ended("incomplete", reason="max_time", throttled=throttled)
             if await self.store.run(self.runs.cancel_requested, row.id):
@@ -490,7 +498,7 @@ class AgentEngine:
     async def fail(self, run_id: str) -> None:
         """End a run whose workflow failed for good (a bug or a store that stays down)."""
         row = await self._row(run_id)
-        if row.phase == "end":
+        if row is None or row.phase == "end":
             return
         error = {"code": "internal_error", "message": "The run failed on the server; see the service log."}
         expect = {"next_step": row.next_step, "phase": row.phase}
@@ -500,6 +508,8 @@ class AgentEngine:
         """After a round of tool calls: back to the model with their results, or pause for
         the client when some call needs its output or approval."""
         row = await self._row(run_id)
+        if row is None:
+            return _GONE
         expect = {"next_step": step_no, "phase": "tools"}
         if row.next_step != step_no or row.phase != "tools":
             return await self._plan(row)

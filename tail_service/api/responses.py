@@ -141,20 +141,24 @@ async def _history(
             param="previous_response_id",
             code="previous_response_not_found",
         )
+    if prev.status in ("queued", "in_progress"):
+        raise InvalidRequestError(
+            f"Previous response with id '{previous_id}' is still in progress.",
+            param="previous_response_id",
+            code="previous_response_in_progress",
+        )
     messages: list[dict[str, Any]] = loads(prev.messages)
     if (loads(prev.request).get("responses") or {}).get("instructions"):
         messages = messages[1:]  # instructions do not carry over to the next response
     output = loads(prev.output)
-    if prev.status == "completed" and output:
+    if prev.status in ("completed", "incomplete") and output:
         messages.append(output)
     if prev.status != "requires_action":
         return messages, []
     steps: list[NewStep] = []
-    round_steps = [s for s in await services.store.run(runs.steps, prev.id) if s.type == "tool_call"]
-    last_model = max(
-        s.step_no for s in await services.store.run(runs.steps, prev.id) if s.type == "model_call"
-    )
-    for step in (s for s in round_steps if s.step_no > last_model):
+    stored = await services.store.run(runs.steps, prev.id)
+    last_model = max((s.step_no for s in stored if s.type == "model_call"), default=-1)
+    for step in (s for s in stored if s.type == "tool_call" and s.step_no > last_model):
         data = {k: v for k, v in step.data.items() if k not in ("started_at", "completed_at", "duration_ms")}
         call_id = data["tool_call_id"]
         data["index"] = len(steps)
