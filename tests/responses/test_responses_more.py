@@ -136,6 +136,14 @@ def test_background_response_and_cancel(make_app: Callable[..., RunningApp], ups
         assert got.status == "cancelled"
         with pytest.raises(openai.BadRequestError):
             client.responses.cancel(client.responses.create(model="gpt-test", input="x").id)
+        # deleting a response while it runs ends its work quietly; the worker goes on
+        doomed = client.responses.create(model="gpt-test", input="doomed", background=True)
+        client.responses.delete(doomed.id)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(doomed.id)
+        assert (
+            client.responses.create(model="gpt-test", input="still here").output_text == "Answer: still here"
+        )
 
 
 def test_stored_responses_are_private_to_the_tenant(
