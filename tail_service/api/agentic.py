@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -295,7 +295,7 @@ def _poll(services: Services, since: float) -> float:
     return fast if time.monotonic() - since < _QUIET else max(fast, _MAX_POLL)
 
 
-def _frame(item: tuple[str, bytes]) -> bytes:
+def frame_event(item: tuple[str, bytes]) -> bytes:
     kind, data = item
     return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
@@ -306,7 +306,17 @@ def _error_frame(exc: BaseException, rid: str) -> bytes:
 
 
 async def _event_stream(request: Request, services: Services, run_id: str, after: int) -> Response:
-    events = events_of(services, run_id, after)
+    return await sse_events(request, services, events_of(services, run_id, after), _error_frame)
+
+
+async def sse_events(
+    request: Request,
+    services: Services,
+    events: AsyncGenerator[tuple[str, bytes], None],
+    error_framer: Callable[[BaseException, str], bytes],
+) -> Response:
+    """``(event type, JSON)`` pairs as SSE (``event:`` and ``data:`` lines, no ``[DONE]``);
+    an empty stream when there is nothing to send."""
     first = await race_disconnect(request.receive, anext(events, None))
     if first is None:
         await events.aclose()
@@ -316,9 +326,9 @@ async def _event_stream(request: Request, services: Services, run_id: str, after
         events,
         request_id=request_id(request),
         keepalive=services.settings.server.sse_keepalive,
-        framer=_frame,
+        framer=frame_event,
         done=None,
-        error_framer=_error_frame,
+        error_framer=error_framer,
     )
 
 

@@ -16,10 +16,10 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tail_service.api.agentic import events_of, start_run, until_resting
+from tail_service.api.agentic import events_of, sse_events, start_run, until_resting
 from tail_service.api.body import read_json
-from tail_service.api.deps import authenticate, get_services, json_response, request_id
-from tail_service.api.sse import SSEResponse, race_disconnect
+from tail_service.api.deps import authenticate, get_services, json_response
+from tail_service.api.sse import race_disconnect
 from tail_service.core import responses as rx
 from tail_service.core.auth import check_model_access
 from tail_service.core.types import Endpoint, Principal
@@ -279,11 +279,6 @@ async def create_response(request: Request) -> Response:
     return json_response(await _snapshot(services, row.id))
 
 
-def _frame(item: tuple[str, bytes]) -> bytes:
-    kind, data = item
-    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
-
-
 async def _translated(services: Services, run_id: str, after: int) -> AsyncGenerator[tuple[str, bytes], None]:
     translator = rx.StreamTranslator(run_id)
     seq = 0
@@ -313,20 +308,7 @@ def _error_frame(exc: BaseException, rid: str) -> bytes:
 
 
 async def _stream(request: Request, services: Services, run_id: str) -> Response:
-    events = _translated(services, run_id, -1)
-    first = await race_disconnect(request.receive, anext(events, None))
-    if first is None:
-        await events.aclose()
-        return Response(b"", media_type="text/event-stream")
-    return SSEResponse(
-        first,
-        events,
-        request_id=request_id(request),
-        keepalive=services.settings.server.sse_keepalive,
-        framer=_frame,
-        done=None,
-        error_framer=_error_frame,
-    )
+    return await sse_events(request, services, _translated(services, run_id, -1), _error_frame)
 
 
 async def _owned(request: Request) -> tuple[Services, Principal, RunRow]:

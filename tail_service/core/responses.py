@@ -81,6 +81,10 @@ def _bad(message: str, param: str, code: str = "invalid_value") -> InvalidReques
     return InvalidRequestError(message, param=param, code=code)
 
 
+def _missing(param: str) -> InvalidRequestError:
+    return _bad(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+
+
 def _text_of(content: Any, param: str) -> str | list[dict[str, Any]]:
     """A message's content as chat-completions content (a string, or parts)."""
     if isinstance(content, str):
@@ -96,11 +100,7 @@ def _text_of(content: Any, param: str) -> str | list[dict[str, Any]]:
         if kind in ("input_text", "output_text", "text"):
             text = part.get("text")
             if not isinstance(text, str):
-                raise _bad(
-                    f"Missing required parameter: '{where}.text'.",
-                    f"{where}.text",
-                    "missing_required_parameter",
-                )
+                raise _missing(f"{where}.text")
             parts.append({"type": "text", "text": text})
         elif kind == "input_image":
             url = part.get("image_url")
@@ -182,11 +182,7 @@ def input_messages(raw: Any, param: str = "input") -> tuple[list[dict[str, Any]]
             request_id = _required_str(item, "approval_request_id", where)
             approve = item.get("approve")
             if not isinstance(approve, bool):
-                raise _bad(
-                    f"Missing required parameter: '{where}.approve'.",
-                    f"{where}.approve",
-                    "missing_required_parameter",
-                )
+                raise _missing(f"{where}.approve")
             reason = item.get("reason")
             cont.approvals[request_id] = (approve, reason if isinstance(reason, str) else None)
         elif kind == "item_reference":
@@ -234,9 +230,7 @@ def _flatten(output: Any) -> str:
 def _required_str(item: Mapping[str, Any], name: str, where: str) -> str:
     value = item.get(name)
     if not isinstance(value, str) or not value:
-        raise _bad(
-            f"Missing required parameter: '{where}.{name}'.", f"{where}.{name}", "missing_required_parameter"
-        )
+        raise _missing(f"{where}.{name}")
     return value
 
 
