@@ -51,16 +51,17 @@ _MAX_POLL = 0.5
 _QUIET = 2.0
 
 
-def new_run_id() -> str:
-    """``run_`` + the creation time in nanoseconds + randomness (ids sort by creation)."""
-    return f"run_{time.time_ns():016x}{os.urandom(8).hex()}"
+def new_run_id(prefix: str = "run") -> str:
+    """``run_`` (or ``prefix_``) + the creation time in nanoseconds + randomness (ids sort
+    by creation)."""
+    return f"{prefix}_{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
 def _no_such_run(run_id: str) -> NotFoundError:
     return NotFoundError(f"No such run: {run_id}", param="run_id")
 
 
-def _runs(services: Services) -> AgentStore:
+def runs_of(services: Services) -> AgentStore:
     return AgentStore(services.store)
 
 
@@ -225,7 +226,7 @@ async def start_run(
     }
     if steps:  # a run that starts with tool calls (approved in the request that made it)
         values.update(phase="tools", next_step=len(steps))
-    row = await services.store.run(_runs(services).create, values, steps)
+    row = await services.store.run(runs_of(services).create, values, steps)
     services.wake_agents()
     return row, req
 
@@ -242,7 +243,7 @@ async def _answer(
 
 
 async def _render(services: Services, run_id: str) -> Response:
-    runs = _runs(services)
+    runs = runs_of(services)
     row = await services.store.run(runs.get_any, run_id)
     if row is None:
         raise _no_such_run(run_id)
@@ -253,7 +254,7 @@ async def _render(services: Services, run_id: str) -> Response:
 async def until_resting(services: Services, run_id: str) -> None:
     """Wait until the run ends or pauses (bounded by the server's request timeout; the run
     goes on either way)."""
-    runs = _runs(services)
+    runs = runs_of(services)
     active = time.monotonic()
     deadline = active + services.settings.server.request_timeout
     seen = -1
@@ -269,7 +270,7 @@ async def until_resting(services: Services, run_id: str) -> None:
 async def events_of(services: Services, run_id: str, after: int) -> AsyncGenerator[tuple[str, bytes], None]:
     """The run's events numbered above ``after``, as they are stored, up to the next event
     that ends a stream; or none if the run rests and has nothing newer."""
-    runs = _runs(services)
+    runs = runs_of(services)
     active = time.monotonic()
     deadline = active + services.settings.server.request_timeout
     while time.monotonic() < deadline:
@@ -336,7 +337,7 @@ async def _owned(request: Request) -> tuple[Services, Principal, RunRow]:
     services = get_services(request)
     principal = await authenticate(request, services)
     run_id = request.path_params["run_id"]
-    row = await services.store.run(_runs(services).get, principal.tenant, run_id)
+    row = await services.store.run(runs_of(services).get, principal.tenant, run_id)
     if row is None:
         raise _no_such_run(run_id)
     return services, principal, row
@@ -356,7 +357,7 @@ async def cancel_run(request: Request) -> Response:
         raise ConflictError(
             f"Cannot cancel a run with status `{row.status}`.", param="run_id", code="run_not_cancellable"
         )
-    await services.store.run(_runs(services).request_cancel, principal.tenant, row.id, int(time.time()))
+    await services.store.run(runs_of(services).request_cancel, principal.tenant, row.id, int(time.time()))
     return await _render(services, row.id)
 
 
@@ -388,7 +389,7 @@ async def submit_run(request: Request) -> Response:
             param="run_id",
             code="run_not_waiting",
         )
-    runs = _runs(services)
+    runs = runs_of(services)
     waiting = {
         s.data["tool_call_id"]: s
         for s in await services.store.run(runs.steps, row.id)

@@ -7,7 +7,6 @@ rebuilds the conversation from the store, so it works on any replica after any r
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -16,7 +15,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tail_service.api.agentic import events_of, sse_events, start_run, until_resting
+from tail_service.api.agentic import events_of, new_run_id, runs_of, sse_events, start_run, until_resting
 from tail_service.api.body import read_json
 from tail_service.api.deps import authenticate, get_services, json_response
 from tail_service.api.sse import race_disconnect
@@ -27,19 +26,11 @@ from tail_service.errors import InvalidRequestError, NotFoundError, TailError
 from tail_service.schemas.common import parse_as
 from tail_service.schemas.responses import CreateResponseRequest
 from tail_service.services import Services
-from tail_service.store.agent import AgentStore, NewStep, RunRow, StepRow, loads
-
-
-def new_response_id() -> str:
-    return f"resp_{time.time_ns():016x}{os.urandom(8).hex()}"
+from tail_service.store.agent import NewStep, RunRow, StepRow, loads
 
 
 def _no_such_response(response_id: str) -> NotFoundError:
     return NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
-
-
-def _runs(services: Services) -> AgentStore:
-    return AgentStore(services.store)
 
 
 def response_object(row: RunRow, steps: list[StepRow]) -> dict[str, Any]:
@@ -88,7 +79,7 @@ def _details(steps: list[StepRow]) -> tuple[int, int]:
 
 
 async def _snapshot(services: Services, run_id: str) -> dict[str, Any]:
-    runs = _runs(services)
+    runs = runs_of(services)
     row = await services.store.run(runs.get_any, run_id)
     if row is None:
         raise _no_such_response(run_id)
@@ -102,7 +93,7 @@ async def _resolve_references(services: Services, principal: Principal, raw: Any
         isinstance(i, dict) and i.get("type") == "item_reference" for i in raw
     ):
         return raw
-    runs = _runs(services)
+    runs = runs_of(services)
     out = []
     for item in raw:
         found = (
@@ -133,7 +124,7 @@ async def _history(
 ) -> tuple[list[dict[str, Any]], list[NewStep]]:
     """The conversation of the previous response, and the calls it left open, answered by
     this request's items: their results become the new run's first steps."""
-    runs = _runs(services)
+    runs = runs_of(services)
     prev = await services.store.run(runs.get, principal.tenant, previous_id)
     if prev is None or not (loads(prev.request).get("responses") or {}).get("store", True):
         raise InvalidRequestError(
@@ -267,7 +258,7 @@ async def create_response(request: Request) -> Response:
         services,
         principal,
         agentic,
-        run_id=new_response_id(),
+        run_id=new_run_id("resp"),
         extra_sampling=passthrough,
         extra={"responses": meta},
         steps=steps,
@@ -288,7 +279,7 @@ async def _translated(services: Services, run_id: str, after: int) -> AsyncGener
         if kind in ("run.created", "run.in_progress") or kind in rx.END_EVENTS:
             snapshot = await _snapshot(services, run_id)
             if kind == "run.in_progress":
-                row = await services.store.run(_runs(services).get_any, run_id)
+                row = await services.store.run(runs_of(services).get_any, run_id)
                 translator.catalog = {t["name"]: t for t in (loads(row.tools) if row else None) or []}
         for name, fields in translator.feed(kind, event, snapshot):
             yield name, orjson.dumps({"type": name, "sequence_number": seq, **fields})
@@ -315,7 +306,7 @@ async def _owned(request: Request) -> tuple[Services, Principal, RunRow]:
     services = get_services(request)
     principal = await authenticate(request, services)
     response_id = request.path_params["response_id"]
-    row = await services.store.run(_runs(services).get, principal.tenant, response_id)
+    row = await services.store.run(runs_of(services).get, principal.tenant, response_id)
     if row is None or not response_id.startswith("resp_") or not _stored(row):
         raise _no_such_response(response_id)
     return services, principal, row
@@ -336,7 +327,7 @@ async def retrieve_response(request: Request) -> Response:
 async def delete_response(request: Request) -> Response:
     """``DELETE /v1/responses/{id}``."""
     services, principal, row = await _owned(request)
-    await services.store.run(_runs(services).delete, principal.tenant, row.id)
+    await services.store.run(runs_of(services).delete, principal.tenant, row.id)
     return json_response({"id": row.id, "object": "response.deleted", "deleted": True})
 
 
@@ -347,7 +338,7 @@ async def cancel_response(request: Request) -> Response:
         raise InvalidRequestError(
             "Only responses created with background=true can be cancelled.", param="response_id"
         )
-    await services.store.run(_runs(services).request_cancel, principal.tenant, row.id, int(time.time()))
+    await services.store.run(runs_of(services).request_cancel, principal.tenant, row.id, int(time.time()))
     return json_response(await _snapshot(services, row.id))
 
 
