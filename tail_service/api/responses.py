@@ -188,6 +188,7 @@ async def create_response(request: Request) -> Response:
     principal = await authenticate(request, services)
     body, _ = await read_json(request, services.settings.server, services.large_body_gate)
     parse_as(CreateResponseRequest, body)
+    rx.check_input_size(body["input"])  # before any item_reference is looked up
     check_model_access(principal, body["model"])
     services.router.deployments(body["model"], Endpoint.CHAT)  # 404 / 400 before the rest
     new_messages, cont = rx.input_messages(await _resolve_references(services, principal, body["input"]))

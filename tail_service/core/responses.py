@@ -52,6 +52,8 @@ CONSUMED = frozenset(
         "prompt",
     }
 )
+#: items one request's ``input`` may hold
+MAX_INPUT_ITEMS = 10_000
 #: request fields a response object echoes as they were given
 ECHOED_FIELDS = (
     "instructions",
@@ -130,6 +132,16 @@ class Continuation:
     approvals: dict[str, tuple[bool, str | None]] = field(default_factory=dict)
 
 
+def check_input_size(raw: Any, param: str = "input") -> None:
+    """A 400 for an ``input`` of more than :data:`MAX_INPUT_ITEMS` items."""
+    if isinstance(raw, list) and len(raw) > MAX_INPUT_ITEMS:
+        raise _bad(
+            f"Invalid '{param}': at most {MAX_INPUT_ITEMS} items are allowed.",
+            param,
+            "array_above_max_length",
+        )
+
+
 def input_messages(raw: Any, param: str = "input") -> tuple[list[dict[str, Any]], Continuation]:
     """The chat-completions messages of a request's ``input`` (a string or items), and the
     ``function_call_output`` / ``mcp_approval_response`` items that answer the previous
@@ -138,8 +150,15 @@ def input_messages(raw: Any, param: str = "input") -> tuple[list[dict[str, Any]]
         return [{"role": "user", "content": raw}], Continuation()
     if not isinstance(raw, list):
         raise _bad(f"Invalid '{param}': expected a string or an array of items.", param, "invalid_type")
+    if len(raw) > MAX_INPUT_ITEMS:
+        raise _bad(
+            f"Invalid '{param}': at most {MAX_INPUT_ITEMS} items are allowed.",
+            param,
+            "array_above_max_length",
+        )
     messages: list[dict[str, Any]] = []
     cont = Continuation()
+    called: set[str] = set()  # the call ids of this input's function_call items
     for i, item in enumerate(raw):
         where = f"{param}[{i}]"
         if not isinstance(item, dict):
@@ -152,8 +171,9 @@ def input_messages(raw: Any, param: str = "input") -> tuple[list[dict[str, Any]]
             content = _text_of(item.get("content"), f"{where}.content")
             messages.append({"role": "system" if role == "developer" else role, "content": content})
         elif kind == "function_call":
+            new_id = _required_str(item, "call_id", where)
             call = {
-                "id": _required_str(item, "call_id", where),
+                "id": new_id,
                 "type": "function",
                 "function": {
                     "name": _required_str(item, "name", where),
@@ -170,11 +190,12 @@ def input_messages(raw: Any, param: str = "input") -> tuple[list[dict[str, Any]]
                 last["tool_calls"].append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            called.add(new_id)
         elif kind == "function_call_output":
             call_id = _required_str(item, "call_id", where)
             output = item.get("output")
             text = output if isinstance(output, str) else _flatten(output)
-            if _answers_open_call(messages, call_id):
+            if call_id in called:
                 messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
             else:
                 cont.outputs[call_id] = text
@@ -211,14 +232,6 @@ def input_items(raw: Any) -> list[dict[str, Any]]:
         entry.setdefault("id", f"{prefix}_{hashlib.sha256(repr((i, item)).encode()).hexdigest()[:40]}")
         out.append(entry)
     return out
-
-
-def _answers_open_call(messages: Sequence[Mapping[str, Any]], call_id: str) -> bool:
-    for message in reversed(messages):
-        for call in message.get("tool_calls") or ():
-            if call.get("id") == call_id:
-                return True
-    return False
 
 
 def _flatten(output: Any) -> str:

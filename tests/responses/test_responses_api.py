@@ -236,6 +236,10 @@ def test_refusals(app: RunningApp) -> None:
         )
         assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
         assert http.post("/v1/responses", json={"model": "gpt-test"}).status_code == 400
+        # a huge history is refused before any work (item lookups, translation)
+        refs = [{"type": "item_reference", "id": f"msg_x_{i}"} for i in range(10_001)]
+        r = http.post("/v1/responses", json={"model": "gpt-test", "input": refs})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "array_above_max_length", r.text
         assert http.get("/v1/responses/resp_nope").status_code == 404
 
 

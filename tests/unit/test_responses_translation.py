@@ -80,6 +80,7 @@ def test_input_items_become_chat_messages() -> None:
         ([{"type": "item_reference", "id": "nope"}], "input[0].id"),
         ([{"type": "computer_call_output"}], "input[0].type"),
         (42, "input"),
+        ([{"role": "user", "content": "x"}] * 10_001, "input"),
     ],
 )
 def test_bad_items_name_their_param(raw: object, param: str) -> None:
