@@ -52,7 +52,6 @@ def response_object(row: RunRow, steps: list[StepRow]) -> dict[str, Any]:
         "previous_response_id": meta.get("previous_response_id"),
         "reasoning": {"effort": meta.get("reasoning_effort"), "summary": None},
         "store": meta.get("store", True),
-        "text": meta.get("text") or {"format": {"type": "text"}},
         "tool_choice": meta.get("tool_choice") or "auto",
         "tools": meta.get("tools") or [],
         "truncation": "disabled",
@@ -65,6 +64,7 @@ def response_object(row: RunRow, steps: list[StepRow]) -> dict[str, Any]:
         out[name] = meta.get(name)
     if out["parallel_tool_calls"] is None:
         out["parallel_tool_calls"] = True
+    out["text"] = out["text"] or {"format": {"type": "text"}}
     return out
 
 
@@ -187,17 +187,15 @@ async def create_response(request: Request) -> Response:
     services = get_services(request)
     principal = await authenticate(request, services)
     body, _ = await read_json(request, services.settings.server, services.large_body_gate)
-    parse_as(CreateResponseRequest, body)
+    req = parse_as(CreateResponseRequest, body)
     rx.check_input_size(body["input"])  # before any item_reference is looked up
     check_model_access(principal, body["model"])
     services.router.deployments(body["model"], Endpoint.CHAT)  # 404 / 400 before the rest
     new_messages, cont = rx.input_messages(await _resolve_references(services, principal, body["input"]))
     messages: list[dict[str, Any]] = []
     steps: list[NewStep] = []
-    previous = body.get("previous_response_id")
+    previous = req.previous_response_id
     if previous is not None:
-        if not isinstance(previous, str):
-            raise InvalidRequestError("Invalid 'previous_response_id'.", param="previous_response_id")
         messages, steps = await _history(services, principal, previous, cont)
         if steps and new_messages:
             raise InvalidRequestError(
@@ -205,13 +203,8 @@ async def create_response(request: Request) -> Response:
                 "add new input in the next request.",
                 param="input",
             )
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise InvalidRequestError(
-            "Invalid 'instructions': expected a string.", param="instructions", code="invalid_type"
-        )
-    if instructions:
-        messages.insert(0, {"role": "system", "content": instructions})
+    if req.instructions:
+        messages.insert(0, {"role": "system", "content": req.instructions})
     messages.extend(new_messages)
     if not messages:
         raise InvalidRequestError("The input has no messages.", param="input")
@@ -224,14 +217,9 @@ async def create_response(request: Request) -> Response:
     }
     if body.get("tool_choice") is not None:
         agentic["tool_choice"] = rx.tool_choice(body["tool_choice"])
-    for ours, theirs in (
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("parallel_tool_calls", "parallel_tool_calls"),
-        ("user", "user"),
-    ):
-        if body.get(theirs) is not None:
-            agentic[ours] = body[theirs]
+    for name in ("temperature", "top_p", "parallel_tool_calls", "user"):
+        if body.get(name) is not None:
+            agentic[name] = body[name]
     if body.get("max_output_tokens") is not None:
         agentic["max_completion_tokens"] = body["max_output_tokens"]
     if body.get("max_tool_calls") is not None:

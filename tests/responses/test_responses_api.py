@@ -55,6 +55,7 @@ def test_text_response_retrieve_input_items_and_delete(app: RunningApp, upstream
     assert resp.status == "completed" and resp.error is None
     assert resp.output_text == "Answer: hello there"
     assert resp.instructions == "Be brief." and resp.metadata == {"k": "v"}
+    assert resp.text is not None and resp.text.format.type == "text"
     assert resp.usage is not None and resp.usage.input_tokens > 0 and resp.usage.output_tokens > 0
     assert resp.usage.total_tokens == resp.usage.input_tokens + resp.usage.output_tokens
     [body] = chat_bodies(upstream)
