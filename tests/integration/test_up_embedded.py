@@ -55,7 +55,7 @@ def test_up_answers_offline_from_local_models(tmp_path: Path) -> None:
     assert out["embed_usage"]["prompt_tokens"] > 0
     assert out["batch_exit"] == 0, out["batch_stdout"]
     assert out["batch_lines"] == 5
-    assert out["worker_exits_before_kill"] == 0
+    assert out["worker_exits_before_kill"] == 0, out["worker_log"]
     assert out["worker_restarted"] is True, out["log_tail"]
     assert out["list_has_no_key"] is True
     assert out["revoked_after_s"] is not None and out["revoked_after_s"] < 1.5

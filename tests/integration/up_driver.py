@@ -186,6 +186,7 @@ def main() -> None:
         os.kill(auth_pid, signal.SIGKILL)
         # the worker ran undisturbed so far (it once died with the thread that started it)
         out["worker_exits_before_kill"] = sum("batch-worker exited" in line for line in log_lines)
+        out["worker_log"] = [line for line in log_lines if "batch-worker" in line or "worker" in line][-40:]
         worker_pid = next(pid for pid, cmd in children.items() if cmd.endswith("tail_service worker "))
         os.kill(worker_pid, signal.SIGKILL)
         out["cached_key_while_auth_down"] = bool(client2.models.list().data)
