@@ -59,11 +59,13 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.socket}"
 
-    def start(self, timeout: float = 10.0, *, preexec: Callable[[], None] | None = None) -> EmbeddedRedis:
+    def start(
+        self, timeout: float = 10.0, *, prefix: Callable[[list[str]], list[str]] | None = None
+    ) -> EmbeddedRedis:
         """Start the server (again, after a crash) and wait until it accepts connections.
 
-        ``preexec`` runs in the child before exec (``up`` uses it to tie the server's
-        life to its own).
+        ``prefix`` rewrites the command line (``up`` uses it to tie the server's life to
+        its own).
         """
         if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
             raise EmbeddedRedisError(
@@ -89,9 +91,9 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--loglevel", "warning",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=preexec
-        )
+        if prefix is not None:
+            args = prefix(args)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

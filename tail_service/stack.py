@@ -18,10 +18,8 @@ with a message naming the directory and the holder's pid, and changes nothing.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
-import functools
 import logging
 import os
 import signal
@@ -30,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -218,17 +215,27 @@ def read_stack_file(state_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-@functools.cache
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that sets ``PR_SET_PDEATHSIG`` (Linux), or None elsewhere.
+#: Run by ``python -I -S -c`` in a new child, before the real command: ties the child's life
+#: to ours with ``PR_SET_PDEATHSIG`` (it survives the exec), gives up if we are already gone,
+#: then execs the command in place (same pid).
+_DEATHSIG_SHIM = (
+    "import ctypes,os,sys\n"
+    f"ctypes.CDLL(None,use_errno=True).prctl(1,{int(signal.SIGTERM)})\n"  # PR_SET_PDEATHSIG
+    "if os.getppid()!=int(sys.argv[1]):sys.exit(0)\n"  # the parent died before the prctl
+    "os.execvp(sys.argv[2],sys.argv[2:])\n"
+)
 
-    ``prctl`` is looked up here, in the parent: the hook runs in the child between fork and
-    exec, where a ``dlopen`` can deadlock on a loader lock another thread held at the fork
-    (a restarted worker once hung there for good, inside ``Popen``)."""
+
+def die_with_parent(args: list[str]) -> list[str]:
+    """``args`` prefixed so the child gets SIGTERM when this process dies (Linux), or as is.
+
+    Not a ``preexec_fn``: that runs Python in the child between fork and exec, where it can
+    deadlock on a lock another of our threads held at the fork (Python's documentation says
+    as much; a restarted worker was left hanging there, never exec'd). The shim runs after a
+    clean exec in a single-threaded interpreter, for about 15 ms per start."""
     if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return functools.partial(prctl, 1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return args
+    return [sys.executable, "-I", "-S", "-c", _DEATHSIG_SHIM, str(os.getpid()), *args]
 
 
 class Supervised(Protocol):
@@ -268,11 +275,7 @@ class Child:
     def start(self) -> None:
         self.ready.clear()
         self.proc = subprocess.Popen(
-            self._args,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=self._env,
-            preexec_fn=_die_with_parent(),
+            die_with_parent(self._args), stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=self._env
         )
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True, name=f"{self.name}-log").start()
 
@@ -311,7 +314,7 @@ class RedisChild:
 
     def start(self) -> None:
         self.ready.clear()
-        self.server.start(preexec=_die_with_parent())
+        self.server.start(prefix=die_with_parent)
         self.ready.set()
 
     def stop(self, grace: float = 5.0) -> None:

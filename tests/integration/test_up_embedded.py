@@ -41,6 +41,9 @@ def test_up_answers_offline_from_local_models(tmp_path: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=280, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
+    # shown in full when an assertion below fails (pytest cuts long assertion messages)
+    for name in ("children_cmds", "worker_log_end", "log_tail"):
+        print(f"--- {name}:", *out.get(name, []), sep="\n")
     assert out["key_prefix_ok"] is True
     assert out["wrong_key"] == "invalid_api_key"
     assert out["models"] == ["local/smollm2-135m-instruct", "local/all-minilm-l6-v2"]

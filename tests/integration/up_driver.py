@@ -210,7 +210,9 @@ def main() -> None:
                 for pid, cmd in child_pids(proc.pid).items()
             )
             time.sleep(0.2)
-        out["children"] = sorted(child_pids(proc.pid))
+        final = child_pids(proc.pid)
+        out["children"] = sorted(final)
+        out["children_cmds"] = [cmd[-120:] for cmd in final.values()]
     finally:
         proc.terminate()
         try:
@@ -221,6 +223,7 @@ def main() -> None:
         if drain.ident is not None:
             drain.join(5)
         out["log_tail"] = log_lines[-40:]
+        out["worker_log_end"] = [line for line in log_lines if "batch-worker" in line][-30:]
         time.sleep(0.5)
         out["children_left"] = [pid for pid in out.get("children", []) if os.path.exists(f"/proc/{pid}")]
     print(json.dumps(out))
