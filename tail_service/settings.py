@@ -46,6 +46,15 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class PriceEntry(_Frozen):
+    """A model's price in USD per million tokens (overrides the built-in table)."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    #: prompt tokens read from the provider's cache (default: the input price)
+    cached_input: float | None = Field(default=None, ge=0)
+
+
 class ModelEntry(_Frozen):
     """One deployment of a public model. Entries sharing ``name`` are one model."""
 
@@ -77,6 +86,9 @@ class ModelEntry(_Frozen):
     total_rpm: int = Field(default=0, ge=0)
     total_tpm: int = Field(default=0, ge=0)
     total_max_concurrency: int = Field(default=0, ge=0)
+    #: the model's price (else the built-in table's, else 0 and flagged in /health);
+    #: deployments of one name should agree, the first entry that gives one wins
+    price: PriceEntry | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelEntry:
@@ -107,6 +119,9 @@ class ServerSettings(_Frozen):
     #: bytes per second a request body must average once it has been read for
     #: ``body_idle_timeout`` seconds (a trickle is a 408 too); 0 disables
     body_min_rate: int = Field(default=1024, ge=0)
+    #: one line per request at info level (``tail_service.access``): id, key id, model,
+    #: status, latency, tokens; never the key or any content
+    access_log: bool = True
 
 
 class LocalSettings(_Frozen):
@@ -358,6 +373,37 @@ class AgentSettings(_Frozen):
     watch_poll: float = Field(default=0.05, gt=0)
 
 
+class UsageSettings(_Frozen):
+    """The usage ledger: records go to a Redis stream with the request's settlement, and
+    a drainer (in every replica and worker) moves them into the store in batches."""
+
+    #: the Redis stream the records ride in (one Cluster slot: keep the braces)
+    stream: str = Field(default="tail:usage:v1:{ledger}", min_length=1)
+    #: records written to the store per transaction, at most
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    #: how long the drainer waits for more records before writing what it has (seconds)
+    flush_interval: float = Field(default=0.2, gt=0)
+    #: a record another drainer read but never stored is taken over after this (seconds)
+    claim_after: float = Field(default=30.0, gt=0)
+    #: records held in memory while Redis is unreachable (then written to the store directly)
+    max_buffer: int = Field(default=100_000, ge=100)
+    #: drain the stream in this process (every replica and worker may: they share the work)
+    drain: bool = True
+
+
+class TracingSettings(_Frozen):
+    """OpenTelemetry traces, exported over OTLP/HTTP; off unless ``enabled``."""
+
+    enabled: bool = False
+    #: the OTLP/HTTP traces endpoint of a collector
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    #: extra headers for the exporter (e.g. an API key of a tracing vendor); never logged
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    service_name: str = "tail-service"
+    #: the fraction of new traces sampled (a request with a sampled parent is always kept)
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+
+
 class Settings(BaseSettings):
     """Everything the service reads from its environment, frozen after load."""
 
@@ -375,6 +421,8 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     batch: BatchSettings = BatchSettings()
     agent: AgentSettings = AgentSettings()
+    usage: UsageSettings = UsageSettings()
+    tracing: TracingSettings = TracingSettings()
     #: MCP servers agent runs may call (keys may be limited to some of them)
     mcp_servers: tuple[McpServerEntry, ...] = ()
     auth_service: AuthServiceSettings = AuthServiceSettings()

@@ -193,6 +193,8 @@ class TokenUsage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: prompt tokens the provider read from its prompt cache (included in ``prompt_tokens``)
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -207,7 +209,9 @@ class TokenUsage:
         c = usage.get("completion_tokens", 0)
         if not isinstance(p, int) or not isinstance(c, int):
             return None
-        return cls(p, c)
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        return cls(p, c, cached if isinstance(cached, int) and 0 <= cached <= p else 0)
 
     def to_openai(self) -> dict[str, int]:
         return {

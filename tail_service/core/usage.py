@@ -1,8 +1,9 @@
-"""Usage accounting: one record per request, and what a stream has shown so far.
+"""Usage accounting: one record per billable unit, and what a stream has shown so far.
 
-The inference service writes one :class:`UsageRecord` per request, whatever the outcome,
-to a :class:`UsageSink` (metrics today). :class:`StreamUsage` follows a stream's chunks so
-that usage can still be counted when the upstream never reports it.
+The inference service writes one :class:`UsageRecord` per request (an API call, a batch
+line, an agent step), whatever the outcome, to a :class:`UsageSink`: the metrics and the
+ledger. :class:`StreamUsage` follows a stream's chunks so that usage can still be counted
+when the upstream never reports it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,21 @@ class Outcome(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class Source(enum.StrEnum):
+    """What kind of billable unit a record is."""
+
+    API = "api"
+    BATCH = "batch"
+    AGENT = "agent"
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """Tokens one request used. ``estimated`` when counted offline, not reported upstream."""
+    """One billable unit. ``estimated`` when counted offline, not reported upstream.
+
+    ``record_id`` is unique per record (the ledger's key, so a record delivered twice is
+    stored once); ``request_id`` is the client's or ours, and may repeat.
+    """
 
     request_id: str
     model: str
@@ -36,6 +49,20 @@ class UsageRecord:
     outcome: Outcome
     estimated: bool = False
     deployment: str | None = None
+    record_id: str = ""
+    key_id: str = ""
+    tenant: str = ""
+    #: the cost in nano-dollars (see :mod:`tail_service.core.pricing`); 0 without a price
+    cost_nanos: int = 0
+    #: seconds from admission to the end of the answer
+    latency_s: float = 0.0
+    #: the HTTP status the unit ended with (200; the error's; 499 when the client left)
+    status: int = 200
+    #: answered from the response cache
+    cache_hit: bool = False
+    source: Source = Source.API
+    #: unix time the unit ended
+    created_at: float = 0.0
 
 
 class UsageSink(Protocol):
