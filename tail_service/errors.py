@@ -179,12 +179,25 @@ class RateLimitError(TailError):
     status = 429
     type = "requests"
     default_code = "rate_limit_exceeded"
+    #: which limit refused (one of :data:`tail_service.core.ratelimit.REASONS`, ``budget``
+    #: or ``tenant_budget``): a bounded label for the rejection metrics
+    reason: str = "requests"
 
 
 class TokenRateLimitError(RateLimitError):
     """429 on tokens per minute (OpenAI's ``type: "tokens"``)."""
 
     type = "tokens"
+    reason = "tokens"
+
+
+class QuotaExceededError(RateLimitError):
+    """429 ``insufficient_quota``: the key's or tenant's budget is spent. Waiting a few
+    seconds does not help, so the SDKs are told not to retry (``x-should-retry: false``)."""
+
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+    reason = "budget"
 
 
 class UpstreamError(TailError):

@@ -105,11 +105,13 @@ class Admitter:
         headers = ratelimit_headers(answer)
         if not answer.allowed:
             kind = TokenRateLimitError if (answer.reason or "").endswith("tokens") else RateLimitError
-            raise kind(
+            exc = kind(
                 rate_limit_message(answer, ask),
                 retry_after=answer.retry_after_ms / 1000,
                 headers=headers,
             )
+            exc.reason = answer.reason or "requests"
+            raise exc
         return Ticket(ask), headers
 
     def settle(self, ticket: Ticket | None, used_tokens: int | None) -> None:
