@@ -42,14 +42,17 @@ from tail_service.clients.redis_cluster import ClusterPipelinedRedis
 from tail_service.clients.redis_pipe import PipelinedRedis, SharedRedis
 from tail_service.clients.response_cache import RedisResponseCache
 from tail_service.clients.secrets import SecretsClient
+from tail_service.clients.usage_ledger import UsageDrainer, UsageLedger
 from tail_service.core.admission import Admitter
 from tail_service.core.agent import AGENT_WAKE_CHANNEL
 from tail_service.core.inference import InferenceService
+from tail_service.core.pricing import Price, Pricing
 from tail_service.core.provider import Provider
 from tail_service.core.proxy import ModelProxy
 from tail_service.core.routing import ModelRouter
 from tail_service.core.tools import builtin_tools
 from tail_service.core.types import Deployment
+from tail_service.core.usage import UsageSinks
 from tail_service.metrics import Metrics, MetricsUsageSink
 from tail_service.providers.registry import Credentials, build_deployments, build_providers
 from tail_service.schemas.common import RequestSchema
@@ -133,6 +136,9 @@ class Core:
     limiter: GuardedLimiter | None
     #: awaited before the process reports ready (the tokenizer tables)
     warm: asyncio.Task[Any]
+    pricing: Pricing
+    #: moves usage records from the Redis stream into the store (None: not in this process)
+    drainer: UsageDrainer | None
 
 
 async def build_core(settings: Settings, closers: _Closers, *, response_cache: bool = True) -> Core:
@@ -179,21 +185,61 @@ async def build_core(settings: Settings, closers: _Closers, *, response_cache: b
     if admitter is not None:
         # closed first: settlements on their way still need the limiter and Redis
         closers.add("the admitter", admitter.drain)
+    pricing = build_pricing(settings)
+    ledger = UsageLedger(
+        redis_client,
+        store,
+        settings.usage,
+        durable_wait=settings.redis.timeout,
+        redis_down=(lambda: limiter.breaker_open) if limiter is not None else (lambda: False),
+    )
+    closers.add("the usage ledger", ledger.close)
     inference = InferenceService(
         proxy,
         counter,
-        MetricsUsageSink(metrics),
+        UsageSinks(MetricsUsageSink(metrics), ledger),
         admitter,
         cache=RedisResponseCache(redis_client, timeout=settings.redis.timeout)
         if redis_client is not None and response_cache
         else None,
         cache_ttl=settings.cache.ttl,
+        pricing=pricing,
+        durable_wait=settings.redis.timeout,
     )
+    drainer = None
+    if settings.redis.url and settings.usage.drain:
+        drainer = UsageDrainer(settings.redis.url, store, settings.usage, cluster=settings.redis.cluster)
+        closers.task("the usage drainer", asyncio.create_task(drainer.run()))
     if secrets is not None:
         await secrets.start()
     return Core(
-        inference, router, providers, deployments, metrics, store, secrets, redis_client, limiter, warm
+        inference,
+        router,
+        providers,
+        deployments,
+        metrics,
+        store,
+        secrets,
+        redis_client,
+        limiter,
+        warm,
+        pricing,
+        drainer,
     )
+
+
+def build_pricing(settings: Settings) -> Pricing:
+    """Each public model's price: its config entry's (the first that gives one), else the
+    built-in table's by its name or its deployments' upstream names."""
+    models: dict[str, tuple[Price | None, list[str]]] = {}
+    for entry in settings.model_entries():
+        price, upstream = models.get(entry.name, (None, []))
+        if price is None and entry.price is not None:
+            p = entry.price
+            price = Price(p.input, p.output, p.cached_input)
+        upstream.append(entry.upstream_model or entry.name)
+        models[entry.name] = (price, upstream)
+    return Pricing(models)
 
 
 @asynccontextmanager
@@ -223,6 +269,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             return {"status": "ok", "adapters": sorted(providers)}
 
         services.health_checks["providers"] = providers_health
+        services.health_checks["usage"] = _usage_health(core)
         services.health_checks["store"] = _store_health(core.store, settings.batch.dead_after)
         if isinstance(auth, AuthClient):
             services.health_checks["auth_service"] = auth.health
@@ -294,6 +341,22 @@ def _limiter(settings: Settings) -> tuple[SharedRedis | None, GuardedLimiter | N
         batch_headroom=settings.ratelimit.batch_headroom,
     )
     return client, GuardedLimiter(inner, settings.redis)
+
+
+def _usage_health(core: Core) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """Models without a price (their cost counts as 0) and whether this process drains the
+    ledger's stream."""
+    unpriced = core.pricing.unpriced()
+
+    async def check() -> dict[str, Any]:
+        state: dict[str, Any] = {"status": "ok", "unpriced_models": unpriced}
+        if unpriced:
+            state["warning"] = "these models have no price: their cost is counted as 0"
+        if core.drainer is not None:
+            state["drained_records"] = core.drainer.stored
+        return state
+
+    return check
 
 
 def _store_health(store: Store, dead_after: float) -> Callable[[], Awaitable[dict[str, Any]]]:

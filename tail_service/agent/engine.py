@@ -39,7 +39,7 @@ from tail_service.core.batch import TRANSIENT, usage_details
 from tail_service.core.cache import ChatAccumulator
 from tail_service.core.inference import InferenceService
 from tail_service.core.tools import Tool, ToolError, ToolSpec, builtin_tools, cut_text, parse_arguments
-from tail_service.core.types import Endpoint, ProxyRequest, TokenUsage
+from tail_service.core.types import Endpoint, ProxyRequest, Source, TokenUsage
 from tail_service.errors import RateLimitError, TailError
 from tail_service.schemas.chat import ChatCompletionRequest
 from tail_service.schemas.common import parse_body
@@ -395,6 +395,7 @@ class AgentEngine:
                 params=params,
                 request_id="req_" + os.urandom(12).hex(),
                 principal=principal,
+                source=Source.AGENT,
             )
             try:
                 async with asyncio.timeout(left):

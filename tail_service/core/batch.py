@@ -22,7 +22,7 @@ import orjson
 
 from tail_service.core.inference import InferenceService
 from tail_service.core.ratelimit import Priority
-from tail_service.core.types import Endpoint, Principal, ProxyRequest
+from tail_service.core.types import Endpoint, Principal, ProxyRequest, Source
 from tail_service.errors import (
     InvalidRequestError,
     RateLimitError,
@@ -239,6 +239,7 @@ async def execute_line(
             request_id=request_id,
             principal=principal,
             priority=priority,
+            source=Source.BATCH,
         )
         answer = await (inference.embed(req) if kind is Endpoint.EMBEDDING else inference.complete(req))
     except TailError as exc:

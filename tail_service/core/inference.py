@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import itertools
 import logging
+import os
 import struct
-from collections.abc import AsyncGenerator, Coroutine
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 from tail_service.core.admission import Admitter, Ticket
@@ -26,6 +30,7 @@ from tail_service.core.cache import (
     cacheable,
     replay_chat,
 )
+from tail_service.core.pricing import Pricing
 from tail_service.core.proxy import ModelProxy
 from tail_service.core.token_counter import COUNT_INLINE_MAX_BYTES, TokenCounter, count_prompt, count_text
 from tail_service.core.types import ChunkStream, Completion, ProxyRequest, TokenUsage
@@ -51,6 +56,10 @@ class InferenceService:
         admitter: Admitter | None = None,
         cache: ResponseCache | None = None,
         cache_ttl: float = 300.0,
+        *,
+        pricing: Pricing | None = None,
+        durable_wait: float = 0.05,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.proxy = proxy
         self._counter = counter
@@ -58,7 +67,14 @@ class InferenceService:
         self._admitter = admitter
         self._cache = cache
         self._cache_ttl = cache_ttl
+        self._pricing = pricing or Pricing({})
+        #: the longest a response waits for its usage record to be durable
+        self._durable_wait = durable_wait
+        self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
+        # ledger record ids: unique per process (a random prefix) and per record (a counter)
+        self._id_prefix = "u" + os.urandom(8).hex() + "-"
+        self._ids = itertools.count()
 
     async def _cached(self, req: ProxyRequest) -> tuple[str | None, dict[str, Any] | None]:
         """``(key to store under, cached answer)`` for this request's cache mode."""
@@ -90,12 +106,13 @@ class InferenceService:
         """
         check_model_access(req.principal, req.model)
         self.proxy.router.deployments(req.model, req.endpoint)  # 404 / 400 before admission
+        started = time.monotonic()
         if self._admitter is None:
             key, hit = await self._cached(req)
-            return _Begun(None, _cache_header({}, key, hit), key, hit)
+            return _Begun(None, _cache_header({}, key, hit), key, hit, started)
         if self._cache is None or req.cache_mode == CacheMode.SKIP or not cacheable(req):
             ticket, headers = await self._admitter.admit(req, req.priority)
-            return _Begun(ticket, headers, None, None)
+            return _Begun(ticket, headers, None, None, started)
         admission = asyncio.ensure_future(self._admitter.admit(req, req.priority))
         try:
             key, hit = await self._cached(req)
@@ -103,7 +120,7 @@ class InferenceService:
             admission.add_done_callback(self._settle_abandoned)
             raise
         ticket, headers = await admission
-        return _Begun(ticket, _cache_header(headers, key, hit), key, hit)
+        return _Begun(ticket, _cache_header(headers, key, hit), key, hit, started)
 
     def _settle_abandoned(self, admission: asyncio.Future[tuple[Ticket | None, dict[str, str]]]) -> None:
         if not admission.cancelled() and admission.exception() is None:
@@ -121,15 +138,45 @@ class InferenceService:
     def _record(
         self,
         req: ProxyRequest,
+        begun: _Begun,
         usage: TokenUsage,
         outcome: Outcome,
         *,
         estimated: bool,
         deployment: str | None,
-    ) -> None:
-        self._usage.record(
-            UsageRecord(req.request_id, req.model, req.endpoint, usage, outcome, estimated, deployment)
+        status: int = 200,
+    ) -> Awaitable[None] | None:
+        """Write the usage record of ``req`` (cost, latency, who); what the sink returns
+        completes once it is durable."""
+        p = req.principal
+        return self._usage.record(
+            UsageRecord(
+                req.request_id,
+                req.model,
+                req.endpoint,
+                usage,
+                outcome,
+                estimated,
+                deployment,
+                record_id=self._id_prefix + str(next(self._ids)),
+                key_id=p.key_id,
+                tenant=p.tenant,
+                cost_nanos=self._pricing.cost_nanos(req.model, usage),
+                latency_s=time.monotonic() - begun.started,
+                status=status,
+                cache_hit=begun.hit is not None,
+                source=req.source,
+                created_at=self._clock(),
+            )
         )
+
+    async def _durable(self, done: Awaitable[None] | None) -> None:
+        """Wait (at most ``durable_wait``) until a usage record is durable: a record still
+        on its way after that is written all the same, it just no longer holds up the reply."""
+        if done is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), self._durable_wait)
 
     async def complete(self, req: ProxyRequest) -> Completion:
         """Non-streaming chat, legacy completion or embeddings.
@@ -148,8 +195,9 @@ class InferenceService:
         if begun.hit is not None:
             # A hit counts toward requests per minute, not toward upstream tokens.
             self._settle(ticket, 0)
-            self._record(req, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")
+            done = self._record(req, begun, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")
             cached_usage = TokenUsage.from_openai(begun.hit.get("usage")) or TokenUsage()
+            await self._durable(done)
             return Completion(begun.hit, cached_usage, headers)
         try:
             result, dep = await self.proxy.call(req)
@@ -159,7 +207,14 @@ class InferenceService:
         except BaseException as exc:
             self._settle(ticket, 0)
             outcome = Outcome.ERROR if isinstance(exc, Exception) else Outcome.CANCELLED
-            self._record(req, TokenUsage(), outcome, estimated=True, deployment=None)
+            status = (
+                exc.http_status if isinstance(exc, TailError) else (500 if outcome is Outcome.ERROR else 499)
+            )
+            done = self._record(
+                req, begun, TokenUsage(), outcome, estimated=True, deployment=None, status=status
+            )
+            if outcome is Outcome.ERROR:
+                await self._durable(done)
             raise
         result["model"] = req.model
         usage = TokenUsage.from_openai(result.get("usage"))
@@ -170,9 +225,10 @@ class InferenceService:
                 result["usage"] = usage.to_openai()
         finally:
             counted = usage or TokenUsage()
-            self._record(req, counted, Outcome.OK, estimated=estimated, deployment=dep.id)
+            done = self._record(req, begun, counted, Outcome.OK, estimated=estimated, deployment=dep.id)
             self._settle(ticket, counted.total_tokens)
         self._store(begun.cache_key, result)
+        await self._durable(done)
         return Completion(result, counted, headers)
 
     async def open_stream(self, req: ProxyRequest) -> ChunkStream:
@@ -206,15 +262,17 @@ class InferenceService:
         ticket = begun.ticket
         if begun.hit is not None:
             self._settle(ticket, 0)
-            self._record(req, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")
+            done = self._record(req, begun, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")
             for chunk in replay_chat(begun.hit, include_usage=req.params.include_usage):
                 yield chunk
+            await self._durable(done)
             return
         acc = ChatAccumulator() if begun.cache_key is not None else None
         state = StreamUsage()
         outcome: Outcome | None = Outcome.ERROR
         want_usage = req.params.include_usage
         last: dict[str, Any] | None = None
+        finished = False
         try:
             async for chunk in self.proxy.stream(req):
                 chunk["model"] = req.model
@@ -251,6 +309,9 @@ class InferenceService:
                 if "usage" not in complete and state.usage is not None:
                     complete["usage"] = state.usage.to_openai()
                 self._store(begun.cache_key, complete)
+            # recorded before the stream's end goes out, so the end implies the record
+            finished = True
+            await self._durable(self._finish_stream(req, begun, state, outcome, started=True))
         except (ModelNotFoundError, InvalidRequestError):
             outcome = None  # refused before any upstream call: nothing to record
             raise
@@ -262,47 +323,50 @@ class InferenceService:
                 outcome = Outcome.CANCELLED
             raise
         finally:
-            self._finish_stream(req, ticket, state, outcome, started=last is not None)
+            if not finished:
+                self._finish_stream(req, begun, state, outcome, started=last is not None)
 
     def _finish_stream(
         self,
         req: ProxyRequest,
-        ticket: Ticket | None,
+        begun: _Begun,
         state: StreamUsage,
         outcome: Outcome | None,
         *,
         started: bool,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """Record the stream's usage and settle its admission, however it ended.
 
         Runs in the stream's ``finally`` (possibly while it is being closed), so it cannot
         await. When nothing reported usage, what the client was sent (and the prompt, if
         anything was generated at all) is counted, so no usage goes unrecorded: inline for a
-        small request, in a background task for a large one.
+        small request, in a background task for a large one. Returns what the sink returned.
         """
+        ticket = begun.ticket
         if outcome is None:
             self._settle(ticket, 0)
-            return
+            return None
+        status = {Outcome.OK: 200, Outcome.CANCELLED: 499}.get(outcome, 502)
+
+        def record(usage: TokenUsage, estimated: bool) -> Awaitable[None] | None:
+            done = self._record(
+                req, begun, usage, outcome, estimated=estimated, deployment=None, status=status
+            )
+            self._settle(ticket, usage.total_tokens)
+            return done
+
         if state.usage is not None or not started:
-            usage = state.usage or TokenUsage()
-            self._record(req, usage, outcome, estimated=state.estimated or not started, deployment=None)
-            self._settle(ticket, usage.total_tokens)
-            return
+            return record(state.usage or TokenUsage(), state.estimated or not started)
         text = "".join(state.text)
-
-        def record(usage: TokenUsage) -> None:
-            self._record(req, usage, outcome, estimated=True, deployment=None)
-            self._settle(ticket, usage.total_tokens)
-
         if req.body_bytes <= COUNT_INLINE_MAX_BYTES and len(text) <= COUNT_INLINE_MAX_BYTES:
             prompt = self._counter.count_prompt(req.body, req.endpoint.value)
-            record(TokenUsage(prompt, self._counter.count_text(text, req.model) if text else 0))
-            return
+            return record(TokenUsage(prompt, self._counter.count_text(text, req.model) if text else 0), True)
 
         async def count_then_record() -> None:
-            record(await self._estimate(req, text))
+            record(await self._estimate(req, text), True)
 
         self._spawn(count_then_record())
+        return None
 
     async def embed(self, req: ProxyRequest) -> Completion:
         """Embeddings, returned in input order in the encoding the client asked for."""
@@ -334,6 +398,8 @@ class _Begun:
     headers: dict[str, str]
     cache_key: str | None
     hit: dict[str, Any] | None
+    #: ``time.monotonic()`` when the request began (its latency in the ledger)
+    started: float = field(default=0.0)
 
 
 def _cache_header(headers: dict[str, str], key: str | None, hit: dict[str, Any] | None) -> dict[str, str]:

@@ -127,6 +127,14 @@ class RequestParams:
     base64: bool = False
 
 
+class Source(enum.StrEnum):
+    """What kind of billable unit a request is (for the usage ledger)."""
+
+    API = "api"
+    BATCH = "batch"
+    AGENT = "agent"
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyRequest:
     """A validated client request on its way to a deployment."""
@@ -147,6 +155,8 @@ class ProxyRequest:
     body_bytes: int = 0
     #: batch lines are admitted only into the capacity interactive calls leave spare
     priority: Priority = Priority.INTERACTIVE
+    #: an API call, a batch line or an agent step
+    source: Source = Source.API
 
 
 @dataclass(frozen=True, slots=True)

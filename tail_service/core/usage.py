@@ -9,10 +9,11 @@ when the upstream never reports it.
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tail_service.core.types import Endpoint, TokenUsage
+from tail_service.core.types import Endpoint, Source, TokenUsage
 
 
 class Outcome(enum.StrEnum):
@@ -24,14 +25,6 @@ class Outcome(enum.StrEnum):
     ERROR = "error"
     #: the client went away first
     CANCELLED = "cancelled"
-
-
-class Source(enum.StrEnum):
-    """What kind of billable unit a record is."""
-
-    API = "api"
-    BATCH = "batch"
-    AGENT = "agent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +57,39 @@ class UsageRecord:
     #: unix time the unit ended
     created_at: float = 0.0
 
+    def to_row(self) -> dict[str, Any]:
+        """The record as a row of the ledger (``usage_records``), JSON-ready."""
+        u = self.usage
+        return {
+            "id": self.record_id,
+            "request_id": self.request_id,
+            "key_id": self.key_id,
+            "tenant": self.tenant,
+            "model": self.model,
+            "deployment": self.deployment,
+            "endpoint": self.endpoint.value,
+            "source": self.source.value,
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "cached_tokens": u.cached_tokens,
+            "cost_nanos": self.cost_nanos,
+            "latency_ms": round(self.latency_s * 1000),
+            "status": self.status,
+            "outcome": self.outcome.value,
+            "cache_hit": self.cache_hit,
+            "estimated": self.estimated,
+            "created_at": int(self.created_at),
+        }
+
 
 class UsageSink(Protocol):
-    """Receives one record per request. Must not block: it runs on the event loop."""
+    """Receives one record per billable unit. Must not block: it runs on the event loop.
 
-    def record(self, rec: UsageRecord) -> None: ...
+    It may return an awaitable that completes once the record is durable (in the Redis
+    stream of the ledger); the inference service waits for it, briefly, before the
+    response's last byte, so a crash after the response loses no record."""
+
+    def record(self, rec: UsageRecord) -> Awaitable[None] | None: ...
 
 
 class StreamUsage:
@@ -93,3 +114,18 @@ class StreamUsage:
                     self.text.append(fn.get("arguments") or "")
             elif text := choice.get("text"):
                 self.text.append(text)
+
+
+class UsageSinks:
+    """Several sinks as one; what the last one that returns an awaitable returns."""
+
+    def __init__(self, *sinks: UsageSink) -> None:
+        self._sinks = sinks
+
+    def record(self, rec: UsageRecord) -> Awaitable[None] | None:
+        done = None
+        for sink in self._sinks:
+            result = sink.record(rec)
+            if result is not None:
+                done = result
+        return done

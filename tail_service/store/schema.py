@@ -1,5 +1,5 @@
 """The store's tables: files (content in chunks), batches, their input lines and results,
-the workers' heartbeats, and agent runs with their steps and stream events. One schema for
+the workers' heartbeats, agent runs with their steps and stream events, and the usage ledger. One schema for
 SQLite and PostgreSQL (SQLAlchemy Core).
 
 Times are unix seconds. A file's bytes are rows of ``file_chunks`` so every worker on
@@ -193,6 +193,37 @@ agent_events = sa.Table(
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
+usage_records = sa.Table(
+    "usage_records",
+    metadata,
+    #: unique per record: a record delivered twice (a drainer that died before its ack) is stored once
+    sa.Column("id", sa.String(_ID), primary_key=True),
+    sa.Column("request_id", sa.String(256), nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    sa.Column("tenant", sa.String(256), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("deployment", sa.String(256), nullable=True),
+    sa.Column("endpoint", sa.String(32), nullable=False),
+    #: ``api``, ``batch`` or ``agent``
+    sa.Column("source", sa.String(8), nullable=False),
+    sa.Column("prompt_tokens", _BigInt, nullable=False),
+    sa.Column("completion_tokens", _BigInt, nullable=False),
+    sa.Column("cached_tokens", _BigInt, nullable=False),
+    #: nano-dollars (1e-9 USD)
+    sa.Column("cost_nanos", _BigInt, nullable=False),
+    sa.Column("latency_ms", sa.Integer, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    #: ``ok``, ``error`` or ``cancelled``
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("cache_hit", sa.Boolean, nullable=False),
+    #: tokens counted offline (the upstream did not report them)
+    sa.Column("estimated", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_usage_created", "created_at"),
+    sa.Index("ix_usage_key_created", "key_id", "created_at"),
+    sa.Index("ix_usage_tenant_created", "tenant", "created_at"),
+)
+
 _V1_TABLES = ("files", "file_chunks", "batches", "batch_lines", "batch_results", "batch_workers")
 _V2_TABLES = ("agent_runs", "agent_steps", "agent_events")
 
@@ -206,4 +237,9 @@ def _v2(conn: Connection) -> None:
     metadata.create_all(conn, tables=[metadata.tables[name] for name in _V2_TABLES])
 
 
-MIGRATIONS: list[Migration] = [_v1, _v2]
+def _v3(conn: Connection) -> None:
+    """The usage ledger."""
+    metadata.create_all(conn, tables=[usage_records])
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3]

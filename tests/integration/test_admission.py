@@ -691,10 +691,11 @@ def test_redis_down_fail_open_then_recovers(
         own_redis.start()
         # within breaker_reset (0.5 s) of the restart, plus a poll
         wait_for(lambda: bool(call(client).limits), 0.5 + 0.5, "limits apply again after Redis is back")
-        # the restarted Redis is empty: the call that saw headers again opened a new window
+        # the restarted Redis reloaded its append-only file: the window still holds the
+        # first three admissions (the ones let in without Redis were never recorded)
         assert [(r.status, r.remaining) for r in (call(client) for _ in range(3))] == [
-            (200, "1"),
-            (200, "0"),
+            (429, "0"),
+            (429, "0"),
             (429, "0"),
         ]
         assert http.get("/health").json()["dependencies"]["redis"]["status"] == "ok"
