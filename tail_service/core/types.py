@@ -94,6 +94,13 @@ class Principal:
     response_cache: bool = False
     #: MCP servers its agent runs may use; empty means every configured one
     mcp_servers: frozenset[str] = frozenset()
+    #: the key's budget in USD per period (0: none); period ``day`` or ``month`` (UTC,
+    #: calendar) or ``none`` (never resets)
+    budget_usd: float = 0.0
+    budget_period: str = "none"
+    #: the same for the key's tenant (all its keys together)
+    tenant_budget_usd: float = 0.0
+    tenant_budget_period: str = "none"
 
     def allows_mcp_server(self, name: str) -> bool:
         return not self.mcp_servers or name in self.mcp_servers
