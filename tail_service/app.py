@@ -177,15 +177,21 @@ async def build_core(settings: Settings, closers: _Closers, *, response_cache: b
         closers.add("the redis client", redis_client.close)
     if limiter is not None:
         closers.add("the rate limiter", limiter.close)
+    pricing = build_pricing(settings)
     admitter = (
-        Admitter(limiter, router, counter, default_max_tokens=settings.ratelimit.default_max_tokens)
+        Admitter(
+            limiter,
+            router,
+            counter,
+            default_max_tokens=settings.ratelimit.default_max_tokens,
+            pricing=pricing,
+        )
         if limiter is not None
         else None
     )
     if admitter is not None:
         # closed first: settlements on their way still need the limiter and Redis
         closers.add("the admitter", admitter.drain)
-    pricing = build_pricing(settings)
     ledger = UsageLedger(
         redis_client,
         store,

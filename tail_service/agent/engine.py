@@ -40,7 +40,7 @@ from tail_service.core.cache import ChatAccumulator
 from tail_service.core.inference import InferenceService
 from tail_service.core.tools import Tool, ToolError, ToolSpec, builtin_tools, cut_text, parse_arguments
 from tail_service.core.types import Endpoint, ProxyRequest, Source, TokenUsage
-from tail_service.errors import RateLimitError, TailError
+from tail_service.errors import QuotaExceededError, RateLimitError, TailError
 from tail_service.schemas.chat import ChatCompletionRequest
 from tail_service.schemas.common import parse_body
 from tail_service.settings import AgentSettings
@@ -404,6 +404,8 @@ class AgentEngine:
             except TimeoutError:
                 raise _Ended("incomplete", reason="max_time", throttled=throttled) from None
             except TailError as exc:
+                if isinstance(exc, QuotaExceededError):  # spent: waiting does not help
+                    raise _Ended("incomplete", reason="budget", throttled=throttled) from None
                 if isinstance(exc, RateLimitError):
                     throttled += 1
                 elif isinstance(exc, TRANSIENT) and transient < TRANSIENT_RETRIES:

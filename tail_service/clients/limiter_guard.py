@@ -113,46 +113,49 @@ class GuardedLimiter:
             # The caller went away (a client disconnect) with the script sent: it may take a
             # slot nobody will settle. A settlement sent now follows it on the same
             # connection, so Redis applies it after the admission, whatever that was.
-            self.settle_later(req, used_tokens=0)
+            self.settle_later(req, used_tokens=0, used_cost=0)
             raise
         except _REDIS_ERRORS as exc:
             self._failed(exc, sent_at)
             # The script may still run once Redis catches up and take a slot for a
             # request we did not count as admitted: give it back, in the background.
-            self._release_later(req, 0)
+            self._release_later(req, 0, 0)
             return self._degraded()
         self._fails = 0
         return admission
 
-    def settle_later(self, req: AdmissionRequest, *, used_tokens: int | None) -> None:
+    def settle_later(
+        self, req: AdmissionRequest, *, used_tokens: int | None, used_cost: int | None = None
+    ) -> None:
         """Settle with the limiter's next write; if Redis cannot take it, retry in the background."""
         if not req.limited:
             return
         if self.breaker_open:
-            self._release_later(req, used_tokens)
+            self._release_later(req, used_tokens, used_cost)
             return
         sent_at = self._monotonic()
 
-        def failed(req: AdmissionRequest, used_tokens: int | None, exc: BaseException) -> None:
-            self._settle_failed(req, used_tokens, exc, sent_at)
+        def failed(
+            req: AdmissionRequest, used_tokens: int | None, used_cost: int | None, exc: BaseException
+        ) -> None:
+            if isinstance(exc, _REDIS_ERRORS):
+                self._failed(exc, sent_at)
+            else:
+                log.error("settling an admission failed", extra={"error": type(exc).__name__})
+            self._release_later(req, used_tokens, used_cost)
 
-        self._inner.settle_later(req, used_tokens=used_tokens, on_error=failed)
+        self._inner.settle_later(req, used_tokens=used_tokens, used_cost=used_cost, on_error=failed)
 
-    def _settle_failed(
-        self, req: AdmissionRequest, used_tokens: int | None, exc: BaseException, sent_at: float
+    def _release_later(
+        self, req: AdmissionRequest, used_tokens: int | None, used_cost: int | None = None
     ) -> None:
-        if isinstance(exc, _REDIS_ERRORS):
-            self._failed(exc, sent_at)
-        else:
-            log.error("settling an admission failed", extra={"error": type(exc).__name__})
-        self._release_later(req, used_tokens)
-
-    def _release_later(self, req: AdmissionRequest, used_tokens: int | None) -> None:
-        task = asyncio.get_running_loop().create_task(self._release(req, used_tokens))
+        task = asyncio.get_running_loop().create_task(self._release(req, used_tokens, used_cost))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
-    async def _release(self, req: AdmissionRequest, used_tokens: int | None) -> None:
+    async def _release(
+        self, req: AdmissionRequest, used_tokens: int | None, used_cost: int | None = None
+    ) -> None:
         """Settle ``req`` despite the breaker, retrying with backoff for about a minute.
 
         Settling is idempotent, and it is repeated once after it first succeeds, for an
@@ -163,7 +166,7 @@ class GuardedLimiter:
         for _ in range(12):
             await asyncio.sleep(delay)
             try:
-                await self._inner.settle(req, used_tokens=used_tokens, timeout=1.0)
+                await self._inner.settle(req, used_tokens=used_tokens, used_cost=used_cost, timeout=1.0)
             except _REDIS_ERRORS:
                 delay = min(delay * 2, 10.0)
                 continue

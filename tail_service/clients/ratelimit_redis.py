@@ -18,6 +18,9 @@ has the tag ``{<model>}`` and is asked by a second script call in the same write
     tail:rl:v2:{<subject>}:conc         ZSET  request id -> lease expiry (ms)
     tail:rl:v2:{<subject>}:m:<model>:log  ... the same three for the key's use of one model
     tail:rl:v2:total:{<model>}:log      ... the same three for one model over all keys
+    tail:budget:v1:{<subject>}:<period>       STRING nano-dollars spent or reserved
+    tail:budget:v1:{<subject>}:<period>:open  HASH   request id -> cost reserved, not settled
+    tail:budget:v1:tenant:{<tenant>}:<period>  ... the same two for a tenant (a third call)
 
 ``%``, ``{`` and ``}`` in the subject are percent-encoded so the hash tag is exactly the
 subject. Window keys expire 61 s after their last write and lease keys ``lease_ttl_ms +
@@ -31,7 +34,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from importlib import resources
-from typing import cast
 
 from tail_service.clients.redis_pipe import Script, SharedRedis
 from tail_service.clients.redis_resp import Reply
@@ -41,6 +43,7 @@ from tail_service.core.ratelimit import (
     WINDOW_MS,
     Admission,
     AdmissionRequest,
+    Budget,
     Limits,
     Priority,
     combine,
@@ -48,6 +51,8 @@ from tail_service.core.ratelimit import (
 
 #: prefix of every key this limiter writes (bump the version when the layout changes)
 KEY_PREFIX = "tail:rl:v2:"
+#: prefix of the budget counters
+BUDGET_PREFIX = "tail:budget:v1:"
 #: the per-bucket key suffixes, in the order the scripts expect them
 BUCKET_SUFFIXES: tuple[str, ...] = ("log", "total", "conc")
 #: how many (subject, model) key tuples are kept ready
@@ -57,7 +62,7 @@ _NONE = Limits()
 log = logging.getLogger("tail_service.clients.ratelimit_redis")
 
 #: called with the request, its used tokens and the error when a settlement failed
-SettleFailure = Callable[[AdmissionRequest, "int | None", BaseException], None]
+SettleFailure = Callable[[AdmissionRequest, "int | None", "int | None", BaseException], None]
 
 
 def hash_tag(subject: str) -> str:
@@ -80,6 +85,12 @@ def bucket_keys(subject: str, model: str | None = None) -> tuple[str, ...]:
 def total_bucket_keys(model: str) -> tuple[str, ...]:
     """The three keys of ``model``'s bucket for all API keys together (hash tag ``{model}``)."""
     return tuple(f"{KEY_PREFIX}total:{hash_tag(model)}:{suffix}" for suffix in BUCKET_SUFFIXES)
+
+
+def budget_keys(subject: str, budget: Budget, *, tenant: bool = False) -> tuple[str, str]:
+    """The spent counter and open reservations of ``budget`` for a key (or a tenant)."""
+    base = BUDGET_PREFIX + ("tenant:" if tenant else "") + hash_tag(subject) + ":" + budget.period
+    return base, base + ":open"
 
 
 def _read_script(name: str) -> Script:
@@ -152,8 +163,10 @@ class RedisRateLimiter:
             keys = self._keys[cache_key] = total_bucket_keys(model) * 2
         return keys
 
-    def _admit_args(self, req: AdmissionRequest, first: Limits, second: Limits) -> tuple[str | int, ...]:
-        return (
+    def _admit_args(
+        self, req: AdmissionRequest, first: Limits, second: Limits, budget: Budget | None = None
+    ) -> tuple[str | int, ...]:
+        args: tuple[str | int, ...] = (
             WINDOW_MS,
             req.request_id,
             req.tokens,
@@ -167,6 +180,27 @@ class RedisRateLimiter:
             second.tpm,
             second.max_concurrency,
         )
+        if budget is not None:
+            args += (budget.limit_nanos, req.cost_nanos, budget.resets_at * 1000)
+        return args
+
+    def _calls(self, req: AdmissionRequest) -> list[tuple[str, tuple[str, ...], Budget | None]]:
+        """The buckets ``req`` is checked in, one script call each: ``(scope, keys, budget)``
+        for its own (key and key-per-model limits, the key's budget), the model's over all
+        keys, and its tenant's budget."""
+        calls: list[tuple[str, tuple[str, ...], Budget | None]] = []
+        if req.key_limits.any or req.model_limits.any or req.budget is not None:
+            keys = self._keys_of(req)
+            if req.budget is not None:
+                keys += budget_keys(req.subject, req.budget)
+            calls.append(("own", keys, req.budget))
+        if req.total_limits.any:
+            calls.append(("total", self._total_keys_of(req.model), None))
+        if req.tenant_budget is not None:
+            bucket = tuple(f"{BUDGET_PREFIX}tenant:{hash_tag(req.tenant)}:{s}" for s in BUCKET_SUFFIXES)
+            keys = bucket * 2 + budget_keys(req.tenant, req.tenant_budget, tenant=True)
+            calls.append(("tenant", keys, req.tenant_budget))
+        return calls
 
     async def admit(self, req: AdmissionRequest, *, timeout: float | None = None) -> Admission:  # noqa: ASYNC109 - a deadline, not asyncio.timeout
         """Admit or reject ``req`` in one round trip; without any limit, admit without I/O.
@@ -174,55 +208,66 @@ class RedisRateLimiter:
         A rejection records nothing (expired entries are still purged). ``timeout``:
         seconds until :class:`TimeoutError`.
 
-        The model-wide limits live in a bucket of their own (another Cluster slot), asked
-        by a second script call in the same write, so still one round trip. When one bucket
-        admits and the other refuses, the admission is undone in the bucket that admitted
-        (sent at once, applied before anything this process sends later); meanwhile, for
-        that one round trip, it holds capacity there that another request may be refused.
+        The model-wide limits and the tenant's budget live in buckets of their own (other
+        Cluster slots), asked by more script calls in the same write, so still one round
+        trip. When one bucket admits and another refuses, the admission is undone in those
+        that admitted (sent at once, applied before anything this process sends later);
+        meanwhile, for that one round trip, it holds capacity there that another request
+        may be refused.
         """
         if not req.limited:
             return UNLIMITED
-        calls = []
-        own = req.key_limits.any or req.model_limits.any
-        if own:
-            args = self._admit_args(req, req.key_limits, req.model_limits)
-            calls.append(self._client.evalsha(self._admit, self._keys_of(req), args, timeout=timeout))
-        if req.total_limits.any:
-            args = self._admit_args(req, req.total_limits, _NONE)
-            calls.append(
-                self._client.evalsha(self._admit, self._total_keys_of(req.model), args, timeout=timeout)
+        plan = self._calls(req)
+        sent = []
+        for scope, keys, budget in plan:
+            own = scope == "own"
+            args = self._admit_args(
+                req,
+                req.key_limits if own else (req.total_limits if scope == "total" else _NONE),
+                req.model_limits if own else _NONE,
+                budget,
             )
-        if len(calls) == 1:
-            return _answer(await calls[0], offset=0 if own else 6)
-        raw_own, raw_total = await asyncio.gather(*calls, return_exceptions=True)
-        if isinstance(raw_own, BaseException) or isinstance(raw_total, BaseException):
-            # an admission that may have happened is given back by the caller's failure path
-            raise raw_own if isinstance(raw_own, BaseException) else cast(BaseException, raw_total)
-        mine, total = _answer(raw_own, offset=0), _answer(raw_total, offset=6)
-        if mine.allowed != total.allowed:
-            self._cancel(req, own=mine.allowed)
-        return combine(mine, total)
+            sent.append(self._client.evalsha(self._admit, keys, args, timeout=timeout))
+        if len(sent) == 1:
+            return _answer(await sent[0], scope=plan[0][0])
+        raws = await asyncio.gather(*sent, return_exceptions=True)
+        for raw in raws:
+            if isinstance(raw, BaseException):
+                # an admission that may have happened is given back by the caller's failure path
+                raise raw
+        answers = [_answer(raw, scope=scope) for raw, (scope, _, _) in zip(raws, plan, strict=True)]
+        if any(a.allowed for a in answers) and not all(a.allowed for a in answers):
+            for answer, (_, keys, _) in zip(answers, plan, strict=True):
+                if answer.allowed:
+                    self._cancel(req, keys)
+        combined = answers[0]
+        for answer in answers[1:]:
+            combined = combine(combined, answer)
+        return combined
 
-    def _cancel(self, req: AdmissionRequest, *, own: bool) -> None:
-        """Undo the admission of ``req`` in its own buckets (``own``) or in the model-wide one."""
-        keys = self._keys_of(req) if own else self._total_keys_of(req.model)
-        args = (req.request_id, req.tokens, "cancel", 0, 0, 0, 0)
+    def _cancel(self, req: AdmissionRequest, keys: tuple[str, ...]) -> None:
+        """Undo the admission of ``req`` in the buckets of ``keys``."""
+        args = (req.request_id, req.tokens, "cancel", 0, 0, 0, 0, "")
         self._client.submit_script(self._settle, keys, args, _log_failure)
 
     def _settle_calls(
-        self, req: AdmissionRequest, used_tokens: int | None
+        self, req: AdmissionRequest, used_tokens: int | None, used_cost: int | None = None
     ) -> list[tuple[tuple[str, ...], tuple[str | int, ...]]]:
         if used_tokens is not None and used_tokens < 0:
             raise ValueError(f"used_tokens must not be negative: {used_tokens}")
         used: str | int = "" if used_tokens is None else used_tokens
-        calls = []
+        cost: str | int = "" if used_cost is None else max(0, used_cost)
+        calls: list[tuple[tuple[str, ...], tuple[str | int, ...]]] = []
         k, m, t = req.key_limits, req.model_limits, req.total_limits
         flags = (k.tpm > 0, k.max_concurrency > 0, m.tpm > 0, m.max_concurrency > 0)
-        if any(flags):
-            calls.append((self._keys_of(req), (req.request_id, req.tokens, used, *(int(f) for f in flags))))
-        if t.tpm or t.max_concurrency:
-            args = (req.request_id, req.tokens, used, int(t.tpm > 0), int(t.max_concurrency > 0), 0, 0)
-            calls.append((self._total_keys_of(req.model), args))
+        for scope, keys, budget in self._calls(req):
+            if scope == "own" and (any(flags) or budget is not None):
+                calls.append((keys, (req.request_id, req.tokens, used, *(int(f) for f in flags), cost)))
+            elif scope == "total" and (t.tpm or t.max_concurrency):
+                args = (req.request_id, req.tokens, used, int(t.tpm > 0), int(t.max_concurrency > 0), 0, 0)
+                calls.append((keys, args))
+            elif scope == "tenant":
+                calls.append((keys, (req.request_id, req.tokens, used, 0, 0, 0, 0, cost)))
         return calls
 
     async def settle(
@@ -230,19 +275,26 @@ class RedisRateLimiter:
         req: AdmissionRequest,
         *,
         used_tokens: int | None,
+        used_cost: int | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - a deadline, not asyncio.timeout
     ) -> None:
-        """Set the reservation of ``req`` to ``used_tokens`` (``None``: keep it) and free its slot.
+        """Set the reservations of ``req`` to ``used_tokens`` and ``used_cost`` (``None``:
+        keep them) and free its slot.
 
-        One round trip, none when ``req`` has neither a token nor a concurrency limit.
+        One round trip, none when ``req`` has no token, concurrency or budget limit.
         Idempotent: once a request is settled, later calls change nothing. An entry that
         already left the window is not touched.
         """
-        calls = self._settle_calls(req, used_tokens)
+        calls = self._settle_calls(req, used_tokens, used_cost)
         await asyncio.gather(*(self._client.evalsha(self._settle, *c, timeout=timeout) for c in calls))
 
     def settle_later(
-        self, req: AdmissionRequest, *, used_tokens: int | None, on_error: SettleFailure
+        self,
+        req: AdmissionRequest,
+        *,
+        used_tokens: int | None,
+        used_cost: int | None = None,
+        on_error: SettleFailure,
     ) -> None:
         """:meth:`settle` without waiting: sent with the next command, or within ``settle_delay``.
 
@@ -251,19 +303,26 @@ class RedisRateLimiter:
 
         def done(reply: Reply) -> None:
             if isinstance(reply, BaseException):
-                on_error(req, used_tokens, reply)
+                on_error(req, used_tokens, used_cost, reply)
 
-        for keys, args in self._settle_calls(req, used_tokens):
+        for keys, args in self._settle_calls(req, used_tokens, used_cost):
             self._client.submit_script(self._settle, keys, args, done, delay=self.settle_delay)
 
 
-def _answer(raw: Reply, *, offset: int) -> Admission:
-    """An admit script's reply; ``offset`` 6 names reasons as the model-wide ones."""
-    allowed, reason, lr, rr, resr, lt, rt, rest, retry = raw
+_OFFSETS = {"own": 0, "total": 6, "tenant": 0}
+
+
+def _answer(raw: Reply, *, scope: str) -> Admission:
+    """An admit script's reply; ``scope`` (own, total, tenant) names the reason."""
+    allowed, reason, lr, rr, resr, lt, rt, rest, retry, *more = raw
     ok = allowed == 1
+    name = None
+    if not ok:
+        name = ("tenant_budget" if scope == "tenant" else "budget") if reason == 7 else None
+        name = name or REASONS[_OFFSETS[scope] + reason - 1]
     return Admission(
         allowed=ok,
-        reason=None if ok else REASONS[offset + reason - 1],
+        reason=name,
         limit_requests=lr,
         remaining_requests=rr,
         reset_requests_ms=resr,
@@ -271,6 +330,7 @@ def _answer(raw: Reply, *, offset: int) -> Admission:
         remaining_tokens=rt,
         reset_tokens_ms=rest,
         retry_after_ms=0 if ok else retry,
+        budget_spent_nanos=int(more[0]) if more else 0,
     )
 
 

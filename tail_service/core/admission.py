@@ -12,15 +12,25 @@ The limiter gets its own id for every admission (a per-process random prefix and
 counter), never the request id a client may choose: two requests sent with the same
 ``x-request-id`` must still count twice.
 
-A key with no limits and a model with none cost nothing here: no token count, no Redis.
+Budgets ride in the same admission: the request's worst-case cost (its prompt plus every
+output token it may produce, at the model's price) is reserved against the key's budget
+and its tenant's, and settled to the real cost (see :mod:`tail_service.core.budget`). A
+budget that cannot take the worst case is a 429 ``insufficient_quota``.
+
+A key with no limits and no budget and a model with no limits cost nothing here: no token
+count, no Redis.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from tail_service.core.budget import budget_for, budget_message
+from tail_service.core.pricing import Pricing
 from tail_service.core.ratelimit import (
     UNLIMITED,
     AdmissionRequest,
@@ -33,7 +43,7 @@ from tail_service.core.ratelimit import (
 from tail_service.core.routing import ModelRouter
 from tail_service.core.token_counter import COUNT_INLINE_MAX_BYTES, TokenCounter, count_prompt
 from tail_service.core.types import Endpoint, ProxyRequest
-from tail_service.errors import RateLimitError, TokenRateLimitError
+from tail_service.errors import QuotaExceededError, RateLimitError, TokenRateLimitError
 
 
 @dataclass(slots=True)
@@ -54,11 +64,15 @@ class Admitter:
         counter: TokenCounter,
         *,
         default_max_tokens: int,
+        pricing: Pricing | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._limiter = limiter
         self._router = router
         self._counter = counter
         self._default_max_tokens = default_max_tokens
+        self.pricing = pricing or Pricing({})
+        self._clock = clock
         self._id_prefix = "a" + os.urandom(6).hex() + ":"
         self._ids = itertools.count()
 
@@ -80,15 +94,25 @@ class Admitter:
         p = req.principal
         key_limits = Limits(p.rpm, p.tpm, p.max_concurrency)
         model_limits, total_limits = self._router.model_limits(req.model)
-        if not (key_limits.any or model_limits.any or total_limits.any):
+        budgeted = p.budget_usd > 0 or p.tenant_budget_usd > 0
+        if not (key_limits.any or model_limits.any or total_limits.any or budgeted):
             return None, {}
-        tokens = 0
-        if key_limits.tpm or model_limits.tpm or total_limits.tpm:
+        tokens = cost = 0
+        budget = tenant_budget = None
+        priced = budgeted and self.pricing.price(req.model) is not None
+        if key_limits.tpm or model_limits.tpm or total_limits.tpm or priced:
             if req.body_bytes <= COUNT_INLINE_MAX_BYTES:  # the usual case: no coroutine to await
                 prompt = self._counter.count_prompt(req.body, req.endpoint.value)
             else:
                 prompt = await count_prompt(self._counter, req)
-            tokens = prompt + self._answer_tokens(req)
+            answer_tokens = self._answer_tokens(req)
+            tokens = prompt + answer_tokens
+            if priced:
+                cost = self.pricing.worst_case_nanos(req.model, prompt, answer_tokens)
+        if budgeted:
+            now = self._clock()
+            budget = budget_for(p.budget_usd, p.budget_period, now)
+            tenant_budget = budget_for(p.tenant_budget_usd, p.tenant_budget_period, now)
         ask = AdmissionRequest(
             subject=p.key_id,
             request_id=self._id_prefix + str(next(self._ids)),
@@ -98,28 +122,38 @@ class Admitter:
             model_limits=model_limits,
             priority=priority,
             total_limits=total_limits,
+            cost_nanos=cost,
+            budget=budget,
+            tenant=p.tenant,
+            tenant_budget=tenant_budget,
         )
         answer = await self._limiter.admit(ask)
         if answer is UNLIMITED:  # admitted without being recorded: nothing to settle
             return None, {}
         headers = ratelimit_headers(answer)
         if not answer.allowed:
-            kind = TokenRateLimitError if (answer.reason or "").endswith("tokens") else RateLimitError
+            reason = answer.reason or "requests"
+            if reason.endswith("budget"):
+                quota = QuotaExceededError(budget_message(answer, ask), should_retry=False, headers=headers)
+                quota.reason = reason
+                raise quota
+            kind = TokenRateLimitError if reason.endswith("tokens") else RateLimitError
             exc = kind(
                 rate_limit_message(answer, ask),
                 retry_after=answer.retry_after_ms / 1000,
                 headers=headers,
             )
-            exc.reason = answer.reason or "requests"
+            exc.reason = reason
             raise exc
         return Ticket(ask), headers
 
-    def settle(self, ticket: Ticket | None, used_tokens: int | None) -> None:
-        """Hand the settlement to the limiter (exactly once per ticket); never waits."""
+    def settle(self, ticket: Ticket | None, used_tokens: int | None, used_cost: int | None = None) -> None:
+        """Hand the settlement to the limiter (exactly once per ticket); never waits.
+        ``used_cost``: the real cost in nano-dollars (``None``: keep the worst case)."""
         if ticket is None or ticket.settled:
             return
         ticket.settled = True
-        self._limiter.settle_later(ticket.request, used_tokens=used_tokens)
+        self._limiter.settle_later(ticket.request, used_tokens=used_tokens, used_cost=used_cost)
 
     async def drain(self) -> None:
         """Wait for the settlements on their way (at shutdown)."""

@@ -25,6 +25,7 @@ from tail_service.core.ratelimit import Priority
 from tail_service.core.types import Endpoint, Principal, ProxyRequest, Source
 from tail_service.errors import (
     InvalidRequestError,
+    QuotaExceededError,
     RateLimitError,
     TailError,
     UpstreamConnectionError,
@@ -244,7 +245,7 @@ async def execute_line(
         answer = await (inference.embed(req) if kind is Endpoint.EMBEDDING else inference.complete(req))
     except TailError as exc:
         retry = None
-        if isinstance(exc, TRANSIENT):
+        if isinstance(exc, TRANSIENT) and not isinstance(exc, QuotaExceededError):
             retry = exc.retry_after if exc.retry_after is not None else 1.0
         return LineResult(exc.http_status, exc.body(), request_id, retry_after=retry)
     cached, reasoning = usage_details(answer.body.get("usage"))

@@ -124,11 +124,13 @@ class InferenceService:
 
     def _settle_abandoned(self, admission: asyncio.Future[tuple[Ticket | None, dict[str, str]]]) -> None:
         if not admission.cancelled() and admission.exception() is None:
-            self._settle(admission.result()[0], 0)
+            self._settle(admission.result()[0], TokenUsage())
 
-    def _settle(self, ticket: Ticket | None, used_tokens: int) -> None:
-        if self._admitter is not None:
-            self._admitter.settle(ticket, used_tokens)
+    def _settle(self, ticket: Ticket | None, usage: TokenUsage) -> None:
+        """Settle the admission to what was used: its tokens and their cost."""
+        if self._admitter is not None and ticket is not None:
+            cost = self._pricing.cost_nanos(ticket.request.model, usage)
+            self._admitter.settle(ticket, usage.total_tokens, cost)
 
     async def _estimate(self, req: ProxyRequest, completion_text: str) -> TokenUsage:
         prompt = await count_prompt(self._counter, req)
@@ -194,7 +196,7 @@ class InferenceService:
         ticket, headers = begun.ticket, begun.headers
         if begun.hit is not None:
             # A hit counts toward requests per minute, not toward upstream tokens.
-            self._settle(ticket, 0)
+            self._settle(ticket, TokenUsage())
             done = self._record(req, begun, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")
             cached_usage = TokenUsage.from_openai(begun.hit.get("usage")) or TokenUsage()
             await self._durable(done)
@@ -202,10 +204,10 @@ class InferenceService:
         try:
             result, dep = await self.proxy.call(req)
         except (ModelNotFoundError, InvalidRequestError):
-            self._settle(ticket, 0)
+            self._settle(ticket, TokenUsage())
             raise  # refused before any upstream call: nothing was used
         except BaseException as exc:
-            self._settle(ticket, 0)
+            self._settle(ticket, TokenUsage())
             outcome = Outcome.ERROR if isinstance(exc, Exception) else Outcome.CANCELLED
             status = (
                 exc.http_status if isinstance(exc, TailError) else (500 if outcome is Outcome.ERROR else 499)
@@ -226,7 +228,7 @@ class InferenceService:
         finally:
             counted = usage or TokenUsage()
             done = self._record(req, begun, counted, Outcome.OK, estimated=estimated, deployment=dep.id)
-            self._settle(ticket, counted.total_tokens)
+            self._settle(ticket, counted)
         self._store(begun.cache_key, result)
         await self._durable(done)
         return Completion(result, counted, headers)
@@ -246,7 +248,7 @@ class InferenceService:
             raise UpstreamError("The upstream stream ended without any chunk.") from None
         except BaseException as exc:
             await chunks.aclose()
-            self._settle(begun.ticket, 0)  # in case the generator never started
+            self._settle(begun.ticket, TokenUsage())  # in case the generator never started
             if isinstance(exc, TailError):
                 _carry_headers(exc, begun.headers)
             raise
@@ -261,7 +263,7 @@ class InferenceService:
         """
         ticket = begun.ticket
         if begun.hit is not None:
-            self._settle(ticket, 0)
+            self._settle(ticket, TokenUsage())
             done = self._record(req, begun, TokenUsage(), Outcome.OK, estimated=False, deployment="cache")
             for chunk in replay_chat(begun.hit, include_usage=req.params.include_usage):
                 yield chunk
@@ -344,7 +346,7 @@ class InferenceService:
         """
         ticket = begun.ticket
         if outcome is None:
-            self._settle(ticket, 0)
+            self._settle(ticket, TokenUsage())
             return None
         status = {Outcome.OK: 200, Outcome.CANCELLED: 499}.get(outcome, 502)
 
@@ -352,7 +354,7 @@ class InferenceService:
             done = self._record(
                 req, begun, usage, outcome, estimated=estimated, deployment=None, status=status
             )
-            self._settle(ticket, usage.total_tokens)
+            self._settle(ticket, usage)
             return done
 
         if state.usage is not None or not started:

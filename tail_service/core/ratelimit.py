@@ -34,7 +34,24 @@ REASONS: tuple[str, ...] = (
     "total_requests",
     "total_tokens",
     "total_concurrency",
+    "budget",
+    "tenant_budget",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A budget in force for one admission: ``limit_nanos`` (nano-dollars) per ``period``.
+
+    ``period`` names the period's counters (``d20261206``, ``m202612`` or ``all``);
+    ``resets_at`` is the unix second it ends (0: never), after which its counters may go.
+    """
+
+    limit_nanos: int
+    period: str
+    resets_at: int = 0
+    #: how the period reads in a message: "per day", "per month", "in total"
+    label: str = "in total"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,17 +105,32 @@ class AdmissionRequest:
     priority: Priority = Priority.INTERACTIVE
     #: limits from config for the model over all keys together (its capacity)
     total_limits: Limits = Limits()
+    #: the most this request may cost (nano-dollars), reserved against the budgets
+    cost_nanos: int = 0
+    #: the key's budget
+    budget: Budget | None = None
+    #: the key's tenant and its budget (all the tenant's keys together)
+    tenant: str = ""
+    tenant_budget: Budget | None = None
 
     def __post_init__(self) -> None:
         if not self.subject:
             raise ValueError("the rate-limit subject (API key id) must not be empty")
-        if self.tokens < 0:
-            raise ValueError(f"tokens must not be negative: {self.tokens}")
+        if self.tokens < 0 or self.cost_nanos < 0:
+            raise ValueError(f"tokens and cost must not be negative: {self.tokens}, {self.cost_nanos}")
+        if self.tenant_budget is not None and not self.tenant:
+            raise ValueError("a tenant budget needs the tenant")
 
     @property
     def limited(self) -> bool:
         """Whether any limit applies at all (if not, a limiter admits without I/O)."""
-        return self.key_limits.any or self.model_limits.any or self.total_limits.any
+        return (
+            self.key_limits.any
+            or self.model_limits.any
+            or self.total_limits.any
+            or self.budget is not None
+            or self.tenant_budget is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +155,8 @@ class Admission:
     reset_tokens_ms: int
     #: 0 when allowed; otherwise the time until the request could fit, in (0, 60000]
     retry_after_ms: int = 0
+    #: for a budget rejection: what was spent in the period before this request (nano-dollars)
+    budget_spent_nanos: int = 0
 
 
 #: the answer when no limit applies, or when the limiter let a request in without recording
@@ -241,6 +275,7 @@ def combine(first: Admission, second: Admission) -> Admission:
         remaining_tokens=tok.remaining_tokens,
         reset_tokens_ms=tok.reset_tokens_ms,
         retry_after_ms=max((a.retry_after_ms for a in rejecting), default=0),
+        budget_spent_nanos=rejecting[0].budget_spent_nanos if rejecting else 0,
     )
 
 
@@ -255,9 +290,12 @@ class RateLimiter(Protocol):
         """
         ...
 
-    def settle_later(self, req: AdmissionRequest, *, used_tokens: int | None) -> None:
-        """Replace the token reservation of ``req`` by ``used_tokens`` (``None``: keep it)
-        and release its concurrency slot, without waiting for the backend.
+    def settle_later(
+        self, req: AdmissionRequest, *, used_tokens: int | None, used_cost: int | None = None
+    ) -> None:
+        """Replace the token reservation of ``req`` by ``used_tokens`` and its cost
+        reservation by ``used_cost`` (``None``: keep them) and release its concurrency
+        slot, without waiting for the backend.
 
         Call exactly once per admitted request, whatever its end: success, error,
         client disconnect or cut stream. Idempotent: a second call changes nothing.

@@ -4,9 +4,13 @@
 --   3 each: log (ZSET "<id>|<tokens>" -> admitted ms; "<id>|<tokens>|s" once settled), total (STRING:
 --   the tokens of the members of log), conc (ZSET id -> lease expiry ms).
 -- ARGV: 1 window ms, 2 request id, 3 tokens to reserve, 4 lease ttl ms, 5 batch headroom (parts per
---   million), 6 "1" for batch priority, 7..9 key rpm/tpm/conc, 10..12 model rpm/tpm/conc (0 = none).
--- Returns {allowed 0/1, reason 0..6, limit_req, remaining_req, reset_req_ms, limit_tok, remaining_tok,
---   reset_tok_ms, retry_after_ms}. Reasons: 1 requests, 2 tokens, 3 concurrency, 4..6 the model ones.
+--   million), 6 "1" for batch priority, 7..9 key rpm/tpm/conc, 10..12 model rpm/tpm/conc (0 = none),
+--   and optionally a budget: 13 its limit in nano-dollars (0 = none), 14 the cost to reserve, 15 unix
+--   ms its period ends (0 = never), with KEYS[7] (STRING: nano-dollars spent or reserved in the
+--   period) and KEYS[8] (HASH: request id -> cost reserved and not settled yet).
+-- Returns {allowed 0/1, reason 0..7, limit_req, remaining_req, reset_req_ms, limit_tok, remaining_tok,
+--   reset_tok_ms, retry_after_ms, budget spent before this request}. Reasons: 1 requests, 2 tokens,
+--   3 concurrency, 4..6 the model ones, 7 the budget.
 -- Time is the server's (TIME, ms). An entry admitted at t is in the window while now < t + window.
 -- The requests in the window are the members of log; the tokens are the sum of their amounts, kept in
 -- total. Nothing is recorded unless every applicable limit passes; purging expired entries always
@@ -122,7 +126,29 @@ for b = 0, 1 do
   end
 end
 
+local budget_limit = tonumber(ARGV[13] or '0')
+local budget_cost = tonumber(ARGV[14] or '0')
+local budget_end = tonumber(ARGV[15] or '0')
+local budget_spent = 0
+if budget_limit > 0 then
+  budget_spent = tonumber(redis.call('GET', KEYS[7]) or '0')
+  if budget_spent + budget_cost > budget_limit then
+    local ms = window
+    if budget_end > 0 then ms = budget_end - now end
+    fail(7, ms)
+  end
+end
+
 local allowed = reason == 0
+
+if allowed and budget_limit > 0 then
+  redis.call('INCRBY', KEYS[7], budget_cost)
+  redis.call('HSET', KEYS[8], id, budget_cost)
+  if budget_end > 0 then
+    redis.call('PEXPIREAT', KEYS[7], budget_end + 86400000)
+    redis.call('PEXPIREAT', KEYS[8], budget_end + 86400000)
+  end
+end
 
 if allowed then
   for b = 0, 1 do
@@ -155,7 +181,7 @@ end
 
 -- per kind, the limit to report: the one that rejected, else another failing one, else the one with
 -- the smallest remaining (then the smallest limit)
-local out = {allowed and 1 or 0, reason, 0, 0, 0, 0, 0, 0, 0}
+local out = {allowed and 1 or 0, reason, 0, 0, 0, 0, 0, 0, 0, budget_spent}
 for slot, kind in ipairs({'req', 'tok'}) do
   local best, best_rank, best_rem = nil, 0, 0
   for _, c in ipairs(checks) do

@@ -8,6 +8,9 @@
 -- While the request's open entry "<id>|<reserved>" is still in the window, it becomes
 -- "<id>|<used>|s" (same admission time) and the total moves by the difference, never below zero;
 -- a second call finds no open entry and changes nothing. The concurrency lease is removed.
+-- Optionally KEYS[7..8] and ARGV[8]: the budget's spent counter and open reservations (see
+-- admit_v2.lua) and the real cost in nano-dollars ("" = keep the reservation); the reservation
+-- is replaced by the real cost once (cancel: by nothing).
 -- Returns the number of buckets changed.
 
 local id, reserved, used = ARGV[1], ARGV[2], ARGV[3]
@@ -57,6 +60,19 @@ for b = 0, 1 do
   end
   if cancel or ARGV[5 + b * 2] == '1' then
     changed = changed + redis.call('ZREM', KEYS[k + 3], id)
+  end
+end
+if KEYS[8] then
+  local held = redis.call('HGET', KEYS[8], id)
+  if held then
+    redis.call('HDEL', KEYS[8], id)
+    local cost = ARGV[8]
+    if cancel then cost = '0' elseif cost == nil or cost == '' then cost = held end
+    local delta = tonumber(cost) - tonumber(held)
+    if delta ~= 0 and redis.call('EXISTS', KEYS[7]) == 1 then
+      if redis.call('INCRBY', KEYS[7], delta) < 0 then redis.call('SET', KEYS[7], 0, 'KEEPTTL') end
+    end
+    changed = changed + 1
   end
 end
 return changed
