@@ -235,14 +235,17 @@ async def build_core(settings: Settings, closers: _Closers, *, response_cache: b
 
 
 def build_pricing(settings: Settings) -> Pricing:
-    """Each public model's price: its config entry's (the first that gives one), else the
-    built-in table's by its name or its deployments' upstream names."""
+    """Each public model's price: its config entry's (the first that gives one; 0 for the
+    embedded local models), else the built-in table's by its name or its deployments'
+    upstream names."""
     models: dict[str, tuple[Price | None, list[str]]] = {}
     for entry in settings.model_entries():
         price, upstream = models.get(entry.name, (None, []))
         if price is None and entry.price is not None:
             p = entry.price
             price = Price(p.input, p.output, p.cached_input)
+        elif price is None and entry.provider == "local":
+            price = Price(0.0, 0.0)  # runs here: free
         upstream.append(entry.upstream_model or entry.name)
         models[entry.name] = (price, upstream)
     return Pricing(models)

@@ -23,6 +23,7 @@ import typer
 
 from tail_service.cli_admin import register as register_admin
 from tail_service.cli_batch import batch_cli
+from tail_service.cli_usage import usage_command
 from tail_service.settings import (
     ConfigError,
     Settings,
@@ -359,6 +360,7 @@ def check_config(config: ConfigOpt = None) -> None:
 
 register_admin(cli)
 cli.add_typer(batch_cli, name="batch")
+cli.command("usage")(usage_command)
 
 
 def main() -> None:

@@ -389,6 +389,9 @@ class UsageSettings(_Frozen):
     max_buffer: int = Field(default=100_000, ge=100)
     #: drain the stream in this process (every replica and worker may: they share the work)
     drain: bool = True
+    #: the bearer token of ``GET /v1/organization/usage/completions`` (usage of every key);
+    #: without one that view is off (``tail-service usage`` reads the store directly)
+    admin_token: SecretStr | None = Field(default=None, repr=False)
 
 
 class TracingSettings(_Frozen):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tail_service.api import agentic, batches, files, health, inference, models, responses
+from tail_service.api import agentic, batches, files, health, inference, models, responses, usage
 from tail_service.schemas.agentic import AgenticRequest, SubmitRequest
 from tail_service.schemas.batch import CreateBatchRequest, SyncBatchRequest
 from tail_service.schemas.chat import ChatCompletionRequest
@@ -51,6 +51,14 @@ ROUTES: list[tuple[str, str, Callable[..., Any], type | None, str]] = [
         responses.list_input_items,
         None,
         "List a response's input items",
+    ),
+    ("GET", "/v1/usage", usage.key_usage, None, "This key's usage, in buckets"),
+    (
+        "GET",
+        "/v1/organization/usage/completions",
+        usage.organization_usage,
+        None,
+        "Every key's usage, in buckets (usage admin token)",
     ),
     ("GET", "/health", health.health, None, "Dependencies and their state"),
     ("GET", "/livez", health.livez, None, "Liveness probe"),
