@@ -141,9 +141,12 @@ class Core:
     drainer: UsageDrainer | None
 
 
-async def build_core(settings: Settings, closers: _Closers, *, response_cache: bool = True) -> Core:
+async def build_core(
+    settings: Settings, closers: _Closers, *, response_cache: bool = True, drain_usage: bool = False
+) -> Core:
     """Build the model proxy, admission, store and their clients, each registered with
-    ``closers`` the moment it exists."""
+    ``closers`` the moment it exists. ``drain_usage``: run a drainer of the usage ledger's
+    stream here."""
     session = _http_session(settings)
     closers.add("the upstream HTTP session", session.close)
     deployments = build_deployments(settings.model_entries())
@@ -213,7 +216,7 @@ async def build_core(settings: Settings, closers: _Closers, *, response_cache: b
         durable_wait=settings.redis.timeout,
     )
     drainer = None
-    if settings.redis.url and settings.usage.drain:
+    if settings.redis.url and drain_usage:
         drainer = UsageDrainer(settings.redis.url, store, settings.usage, cluster=settings.redis.cluster)
         closers.task("the usage drainer", asyncio.create_task(drainer.run()))
     if secrets is not None:
@@ -260,7 +263,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         auth = _auth_client(settings, closers)
         if isinstance(auth, AuthClient):
             auth.start()  # its revocation watch connects while the rest is built
-        core = await build_core(settings, closers)
+        core = await build_core(settings, closers, drain_usage=settings.usage.drain_in_http)
         router, providers, deployments = core.router, core.providers, core.deployments
         redis_client, limiter, secrets = core.redis_client, core.limiter, core.secrets
         services = Services(

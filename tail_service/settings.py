@@ -375,7 +375,7 @@ class AgentSettings(_Frozen):
 
 class UsageSettings(_Frozen):
     """The usage ledger: records go to a Redis stream with the request's settlement, and
-    a drainer (in every replica and worker) moves them into the store in batches."""
+    drainers (in the workers) move them into the store in batches."""
 
     #: the Redis stream the records ride in (one Cluster slot: keep the braces)
     stream: str = Field(default="tail:usage:v1:{ledger}", min_length=1)
@@ -387,8 +387,9 @@ class UsageSettings(_Frozen):
     claim_after: float = Field(default=30.0, gt=0)
     #: records held in memory while Redis is unreachable (then written to the store directly)
     max_buffer: int = Field(default=100_000, ge=100)
-    #: drain the stream in this process (every replica and worker may: they share the work)
-    drain: bool = True
+    #: workers always drain the stream (they share the work); HTTP replicas only with this
+    #: (for a deployment that runs no worker), as it costs them CPU beside the requests
+    drain_in_http: bool = False
     #: the bearer token of ``GET /v1/organization/usage/completions`` (usage of every key);
     #: without one that view is off (``tail-service usage`` reads the store directly)
     admin_token: SecretStr | None = Field(default=None, repr=False)

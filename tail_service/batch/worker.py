@@ -132,7 +132,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     """Run a worker until ``stop`` is set."""
     async with AsyncExitStack() as stack:
         closers = _Closers(stack)
-        core = await build_core(settings, closers, response_cache=False)
+        core = await build_core(settings, closers, response_cache=False, drain_usage=True)
         await core.warm
         if core.limiter is not None:
             await core.limiter.prepare()

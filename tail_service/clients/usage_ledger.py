@@ -10,8 +10,8 @@ How no record is lost:
 * **Redis unreachable** (or not configured): records go to an in-memory buffer that a
   background task writes straight to the store in batches (bounded by ``max_buffer``;
   overflow is logged as an error with the count, never silently).
-* **The drainer** (:class:`UsageDrainer`, in every replica and worker with
-  ``usage.drain``) reads the stream as one consumer of the group ``ledger``, writes a batch
+* **The drainer** (:class:`UsageDrainer`, in every worker, and in HTTP replicas with
+  ``usage.drain_in_http``) reads the stream as one consumer of the group ``ledger``, writes a batch
   to the store in one transaction, then ``XACK`` + ``XDEL``. Each record has a unique id and
   the insert skips ids already stored, so a drainer that dies between its write and its
   ack (the entries stay pending) only causes a harmless repeat: another drainer claims
@@ -30,7 +30,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -77,7 +77,7 @@ class UsageLedger:
         self._flusher: asyncio.Task[None] | None = None
         self._dropped = 0
 
-    def record(self, rec: UsageRecord) -> Awaitable[None] | None:
+    def record(self, rec: UsageRecord) -> asyncio.Future[None] | None:
         row = rec.to_row()
         if self._redis is None or self._redis_down():
             self._hold(row)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
 import logging
 import os
 import struct
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,7 +146,7 @@ class InferenceService:
         estimated: bool,
         deployment: str | None,
         status: int = 200,
-    ) -> Awaitable[None] | None:
+    ) -> asyncio.Future[None] | None:
         """Write the usage record of ``req`` (cost, latency, who); what the sink returns
         completes once it is durable."""
         p = req.principal
@@ -172,13 +171,16 @@ class InferenceService:
             )
         )
 
-    async def _durable(self, done: Awaitable[None] | None) -> None:
+    async def _durable(self, done: asyncio.Future[None] | None) -> None:
         """Wait (at most ``durable_wait``) until a usage record is durable: a record still
         on its way after that is written all the same, it just no longer holds up the reply."""
-        if done is None:
+        if done is None or done.done():
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(done), self._durable_wait)
+        timer = asyncio.get_running_loop().call_later(self._durable_wait, _give_up, done)
+        try:
+            await asyncio.shield(done)
+        finally:
+            timer.cancel()
 
     async def complete(self, req: ProxyRequest) -> Completion:
         """Non-streaming chat, legacy completion or embeddings.
@@ -336,7 +338,7 @@ class InferenceService:
         outcome: Outcome | None,
         *,
         started: bool,
-    ) -> Awaitable[None] | None:
+    ) -> asyncio.Future[None] | None:
         """Record the stream's usage and settle its admission, however it ended.
 
         Runs in the stream's ``finally`` (possibly while it is being closed), so it cannot
@@ -350,7 +352,7 @@ class InferenceService:
             return None
         status = {Outcome.OK: 200, Outcome.CANCELLED: 499}.get(outcome, 502)
 
-        def record(usage: TokenUsage, estimated: bool) -> Awaitable[None] | None:
+        def record(usage: TokenUsage, estimated: bool) -> asyncio.Future[None] | None:
             done = self._record(
                 req, begun, usage, outcome, estimated=estimated, deployment=None, status=status
             )
@@ -402,6 +404,12 @@ class _Begun:
     hit: dict[str, Any] | None
     #: ``time.monotonic()`` when the request began (its latency in the ledger)
     started: float = field(default=0.0)
+
+
+def _give_up(done: asyncio.Future[None]) -> None:
+    """No longer wait for a record (the sink's future is only waited on, never read)."""
+    if not done.done():
+        done.set_result(None)
 
 
 def _cache_header(headers: dict[str, str], key: str | None, hit: dict[str, Any] | None) -> dict[str, str]:

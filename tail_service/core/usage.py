@@ -8,8 +8,8 @@ when the upstream never reports it.
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -89,7 +89,7 @@ class UsageSink(Protocol):
     stream of the ledger); the inference service waits for it, briefly, before the
     response's last byte, so a crash after the response loses no record."""
 
-    def record(self, rec: UsageRecord) -> Awaitable[None] | None: ...
+    def record(self, rec: UsageRecord) -> asyncio.Future[None] | None: ...
 
 
 class StreamUsage:
@@ -122,7 +122,7 @@ class UsageSinks:
     def __init__(self, *sinks: UsageSink) -> None:
         self._sinks = sinks
 
-    def record(self, rec: UsageRecord) -> Awaitable[None] | None:
+    def record(self, rec: UsageRecord) -> asyncio.Future[None] | None:
         done = None
         for sink in self._sinks:
             result = sink.record(rec)
