@@ -12,7 +12,7 @@ import contextvars
 import logging
 import re
 import sys
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -63,20 +63,26 @@ class _JsonFormatter(logging.Formatter):
         return redact(orjson.dumps(doc, default=str).decode())
 
 
-def configure_logging(level: str, *, json: bool) -> None:
-    """Install one stderr handler on the root logger (idempotent)."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_tail", False):
-            root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._tail = True  # type: ignore[attr-defined]
+def log_handler(stream: IO[str], *, json: bool) -> logging.Handler:
+    """A handler writing our lines (JSON or plain, request id, redaction) to ``stream``."""
+    handler = logging.StreamHandler(stream)
     handler.addFilter(_ContextFilter())
     handler.setFormatter(
         _JsonFormatter()
         if json
         else _PlainFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
     )
+    return handler
+
+
+def configure_logging(level: str, *, json: bool) -> None:
+    """Install one stderr handler on the root logger (idempotent)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_tail", False):
+            root.removeHandler(h)
+    handler = log_handler(sys.stderr, json=json)
+    handler._tail = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
     # SQLAlchemy echoes every statement when its logger is at INFO; the services poll.

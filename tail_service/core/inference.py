@@ -68,6 +68,8 @@ class InferenceService:
         hit = await self._cache.get(key) if req.cache_mode == CacheMode.USE else None
         if hit is not None:
             hit["model"] = req.model
+        if req.stats is not None:  # as ``x-tail-cache`` says
+            req.stats.cache = "hit" if hit is not None else "miss"
         return key, hit
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -130,6 +132,8 @@ class InferenceService:
         self._usage.record(
             UsageRecord(req.request_id, req.model, req.endpoint, usage, outcome, estimated, deployment)
         )
+        if req.stats is not None:
+            req.stats.usage = usage
 
     async def complete(self, req: ProxyRequest) -> Completion:
         """Non-streaming chat, legacy completion or embeddings.
