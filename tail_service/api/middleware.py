@@ -163,4 +163,8 @@ class RequestIdMiddleware:
             fields["completion_tokens"] = usage.completion_tokens
         if stats.cache:
             fields["cache"] = stats.cache
-        access_log.info("access", extra=fields)
+        # ``info(extra=...)`` would look up the caller's frame and check every field
+        # against the record's attributes (~2 us); these names are known not to clash.
+        record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "access", (), None)
+        record.__dict__.update(fields)
+        access_log.handle(record)
