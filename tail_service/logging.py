@@ -49,7 +49,7 @@ class _PlainFormatter(logging.Formatter):
         #: (unix second, its formatted date and time): ``strftime`` costs ~2.5 us a line
         self._stamp: tuple[int, str] = (-1, "")
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second, stamp = self._stamp
         if int(record.created) != second:
             second = int(record.created)
