@@ -53,7 +53,7 @@ from tail_service.core.routing import ModelRouter
 from tail_service.core.tools import builtin_tools
 from tail_service.core.types import Deployment
 from tail_service.core.usage import UsageSinks
-from tail_service.metrics import Metrics, MetricsUsageSink
+from tail_service.metrics import Metrics, MetricsUsageSink, RequestMetrics, UpstreamMetrics
 from tail_service.providers.registry import Credentials, build_deployments, build_providers
 from tail_service.schemas.common import RequestSchema
 from tail_service.services import Services
@@ -142,11 +142,16 @@ class Core:
 
 
 async def build_core(
-    settings: Settings, closers: _Closers, *, response_cache: bool = True, drain_usage: bool = False
+    settings: Settings,
+    closers: _Closers,
+    *,
+    response_cache: bool = True,
+    drain_usage: bool = False,
+    metrics: Metrics | None = None,
 ) -> Core:
     """Build the model proxy, admission, store and their clients, each registered with
-    ``closers`` the moment it exists. ``drain_usage``: run a drainer of the usage ledger's
-    stream here."""
+    ``closers`` the moment it exists (into ``metrics`` when given: the HTTP app's).
+    ``drain_usage``: run a drainer of the usage ledger's stream here."""
     session = _http_session(settings)
     closers.add("the upstream HTTP session", session.close)
     deployments = build_deployments(settings.model_entries())
@@ -163,7 +168,8 @@ async def build_core(
     # table is being built would wait on the tokenizer's lock, holding up the event loop.
     warm = asyncio.create_task(asyncio.to_thread(lambda: [counter.encoding(n) for n in sorted(encodings)]))
     closers.task("the tokenizer warm-up", warm)
-    metrics = Metrics()
+    if metrics is None:
+        metrics = Metrics(e.name for e in settings.model_entries())
     store = Store(settings.store, settings.state_dir)
     closers.add("the store", lambda: asyncio.to_thread(store.close))
     await asyncio.to_thread(store.migrate)
@@ -174,8 +180,10 @@ async def build_core(
         Credentials(settings.credentials, secrets),
         request_timeout=settings.server.request_timeout,
         monotonic=time.monotonic,
+        observer=UpstreamMetrics(metrics),
     )
     redis_client, limiter = _limiter(settings)
+    metrics.watch(router=router, limiter=limiter)
     if redis_client is not None:
         closers.add("the redis client", redis_client.close)
     if limiter is not None:
@@ -263,7 +271,11 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         auth = _auth_client(settings, closers)
         if isinstance(auth, AuthClient):
             auth.start()  # its revocation watch connects while the rest is built
-        core = await build_core(settings, closers, drain_usage=settings.usage.drain_in_http)
+        core = await build_core(
+            settings, closers, drain_usage=settings.usage.drain_in_http, metrics=app.state.metrics
+        )
+        if isinstance(auth, AuthClient):
+            core.metrics.watch(auth=auth)
         router, providers, deployments = core.router, core.providers, core.deployments
         redis_client, limiter, secrets = core.redis_client, core.limiter, core.secrets
         services = Services(
@@ -475,16 +487,24 @@ def create_app(settings: Settings) -> Starlette:
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
     ]
+    metrics = Metrics(e.name for e in settings.model_entries())
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(RequestIdMiddleware, access_log_enabled=settings.log_level == "debug"),
+            Middleware(
+                RequestIdMiddleware,
+                access_log_enabled=settings.server.access_log,
+                observe=RequestMetrics(metrics).observe,
+                fast_paths=frozenset(path for _, path in hot),
+                models=metrics.models,
+            ),
             Middleware(FastPathMiddleware, routes=hot),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     app.state.services = None
     app.state.draining = False
     app.state.openapi = build_openapi(

@@ -12,7 +12,8 @@ import contextvars
 import logging
 import re
 import sys
-from typing import Any
+import time
+from typing import IO, Any
 
 import orjson
 
@@ -28,6 +29,11 @@ _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | 
 
 def redact(text: str) -> str:
     """Mask API keys and bearer tokens in ``text``."""
+    lowered = text.lower()
+    # The regex costs ~9 us on a 300-character line; a line with neither marker (nearly
+    # all of them: every access-log line) cannot match it, and this check costs ~0.5 us.
+    if "sk-" not in lowered and "bearer" not in lowered:
+        return text
     return _SECRET_RE.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
 
 
@@ -38,6 +44,19 @@ class _ContextFilter(logging.Filter):
 
 
 class _PlainFormatter(logging.Formatter):
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        #: (unix second, its formatted date and time): ``strftime`` costs ~2.5 us a line
+        self._stamp: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second, stamp = self._stamp
+        if int(record.created) != second:
+            second = int(record.created)
+            stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._stamp = (second, stamp)
+        return f"{stamp},{int(record.msecs):03d}"
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extras = {k: v for k, v in vars(record).items() if k not in _STD_ATTRS and k != "request_id"}
@@ -63,20 +82,26 @@ class _JsonFormatter(logging.Formatter):
         return redact(orjson.dumps(doc, default=str).decode())
 
 
-def configure_logging(level: str, *, json: bool) -> None:
-    """Install one stderr handler on the root logger (idempotent)."""
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_tail", False):
-            root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._tail = True  # type: ignore[attr-defined]
+def log_handler(stream: IO[str], *, json: bool) -> logging.Handler:
+    """A handler writing our lines (JSON or plain, request id, redaction) to ``stream``."""
+    handler = logging.StreamHandler(stream)
     handler.addFilter(_ContextFilter())
     handler.setFormatter(
         _JsonFormatter()
         if json
         else _PlainFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
     )
+    return handler
+
+
+def configure_logging(level: str, *, json: bool) -> None:
+    """Install one stderr handler on the root logger (idempotent)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_tail", False):
+            root.removeHandler(h)
+    handler = log_handler(sys.stderr, json=json)
+    handler._tail = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
     # SQLAlchemy echoes every statement when its logger is at INFO; the services poll.

@@ -9,7 +9,14 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tail_service.core.types import ANONYMOUS, Endpoint, Principal, ProxyRequest, RequestParams
+from tail_service.core.types import (
+    ANONYMOUS,
+    Endpoint,
+    Principal,
+    ProxyRequest,
+    RequestParams,
+    RequestStats,
+)
 from tail_service.errors import InvalidRequestError
 from tail_service.services import Services
 
@@ -43,9 +50,19 @@ def bearer_token(request: Request) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+def request_stats(request: Request) -> RequestStats | None:
+    """The request's :class:`RequestStats` (set by the request-id middleware)."""
+    stats: RequestStats | None = request.scope["state"].get("stats")
+    return stats
+
+
 async def authenticate(request: Request, services: Services) -> Principal:
     """The caller's principal (401 / 503 ``auth_unavailable`` as the authenticator decides)."""
-    return await services.auth.authenticate(bearer_token(request))
+    principal = await services.auth.authenticate(bearer_token(request))
+    stats = request_stats(request)
+    if stats is not None:
+        stats.key_id = principal.key_id
+    return principal
 
 
 def request_id(request: Request) -> str:
@@ -76,8 +93,11 @@ def proxy_request(
     principal: Principal = ANONYMOUS,
     cache: str = "skip",
     body_bytes: int = 0,
+    stats: RequestStats | None = None,
 ) -> ProxyRequest:
     """Wrap a validated body and its typed parameters."""
+    if stats is not None:
+        stats.model = body["model"]
     return ProxyRequest(
         endpoint=endpoint,
         model=body["model"],
@@ -87,6 +107,7 @@ def proxy_request(
         principal=principal,
         cache_mode=cache,
         body_bytes=body_bytes,
+        stats=stats,
     )
 
 

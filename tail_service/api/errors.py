@@ -15,11 +15,13 @@ import orjson
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from tail_service.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
+    RateLimitError,
     RequestTooLargeError,
     TailError,
 )
@@ -38,8 +40,17 @@ def error_response(exc: TailError) -> Response:
     )
 
 
+def note_error(scope: Scope, exc: TailError) -> None:
+    """Tell the request's stats what the metrics need of ``exc``: a 429's reason."""
+    if isinstance(exc, RateLimitError):
+        stats = scope["state"].get("stats")
+        if stats is not None:
+            stats.reject_reason = exc.reason
+
+
 async def _tail_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TailError)
+    note_error(request.scope, exc)
     return error_response(exc)
 
 

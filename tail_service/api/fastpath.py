@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tail_service.api.errors import error_response
+from tail_service.api.errors import error_response, note_error
 from tail_service.errors import MethodNotAllowedError, TailError
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -44,6 +44,7 @@ class FastPathMiddleware:
                 try:
                     response = await handler(request)
                 except TailError as exc:
+                    note_error(scope, exc)
                     response = error_response(exc)
                 await response(scope, receive, send)
                 return

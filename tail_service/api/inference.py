@@ -13,6 +13,7 @@ from tail_service.api.deps import (
     json_response,
     proxy_request,
     request_id,
+    request_stats,
 )
 from tail_service.api.sse import SSEResponse, race_disconnect
 from tail_service.core.types import Endpoint, ProxyRequest
@@ -31,7 +32,8 @@ async def _parse(
     body, size = await read_json(request, services.settings.server, services.large_body_gate)
     params = parse_body(schema, body)
     mode = cache_mode(request, "use" if principal.response_cache else services.settings.cache.default)
-    return services, proxy_request(endpoint, body, params, request_id(request), principal, mode, size)
+    stats = request_stats(request)
+    return services, proxy_request(endpoint, body, params, request_id(request), principal, mode, size, stats)
 
 
 async def _generate(request: Request, services: Services, req: ProxyRequest) -> Response | SSEResponse:

@@ -125,6 +125,10 @@ class SSEResponse(Response):
                 if loop.time() - last_sent[0] >= self._keepalive * 0.9:
                     await emit(KEEPALIVE)
 
+        # the final status for the access log and the metrics (the one sent is 200)
+        stats = scope.get("state", {}).get("stats")
+        if stats is not None:
+            stats.stream = True
         watcher = asyncio.create_task(_watch_disconnect(receive, task, disconnected))
         pinger = asyncio.create_task(keepalive()) if self._keepalive > 0 else None
         try:
@@ -140,12 +144,16 @@ class SSEResponse(Response):
                     log.exception("stream failed", exc_info=exc)
                 else:
                     log.warning("stream failed after the first byte: %s", exc.message)
+                if stats is not None:
+                    stats.status = exc.http_status if isinstance(exc, TailError) else 500
                 await emit(self._error_framer(exc, self._request_id))
             await emit(self._done or b"", more=False)
         except asyncio.CancelledError:
             if not (disconnected and task.uncancel() == 0):
                 raise
             log.info("client disconnected mid-stream; upstream closed")
+            if stats is not None:
+                stats.status = ClientDisconnected.status
         finally:
             watcher.cancel()
             if pinger is not None:

@@ -105,6 +105,10 @@ class AuthClient:
         self._epoch = 0
         self._watch: asyncio.Task[None] | None = None
         self.watch_connected = False
+        #: verdict-cache lookups answered from memory / that needed auth-service (the
+        #: metrics read these at scrape time: no per-request metric cost)
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     async def authenticate(self, api_key: str | None) -> Principal:
         if not api_key:
@@ -112,8 +116,10 @@ class AuthClient:
         digest = hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).digest()
         verdict = self._cache.get(digest)
         if verdict is not None and verdict.expires > self._monotonic():
+            self.cache_hits += 1
             principal = verdict.principal
         else:
+            self.cache_misses += 1
             task = self._inflight.get(digest)
             if task is None:
                 task = asyncio.get_running_loop().create_task(self._verify(api_key, digest))

@@ -83,6 +83,8 @@ class InferenceService:
         hit = await self._cache.get(key) if req.cache_mode == CacheMode.USE else None
         if hit is not None:
             hit["model"] = req.model
+        if req.stats is not None:  # as ``x-tail-cache`` says
+            req.stats.cache = "hit" if hit is not None else "miss"
         return key, hit
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -150,6 +152,8 @@ class InferenceService:
         """Write the usage record of ``req`` (cost, latency, who); what the sink returns
         completes once it is durable."""
         p = req.principal
+        if req.stats is not None:
+            req.stats.usage = usage
         return self._usage.record(
             UsageRecord(
                 req.request_id,

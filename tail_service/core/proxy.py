@@ -64,6 +64,21 @@ class CredentialSource(Protocol):
         ...
 
 
+class AttemptObserver(Protocol):
+    """Told the outcome of every upstream attempt (the metrics implement it).
+
+    Called on the event loop; must not block or raise.
+    """
+
+    def attempt(self, dep: Deployment, error: ProviderError | None, seconds: float) -> None:
+        """``dep`` answered (``error`` is ``None``) or failed with ``error`` after ``seconds``.
+
+        For a stream, ``seconds`` runs to its first meaningful chunk (the moment the proxy
+        commits to the deployment), not to its end.
+        """
+        ...
+
+
 def to_tail_error(exc: ProviderError, model: str) -> TailError:
     """Map the last provider failure of a request to what the client sees."""
     if isinstance(exc, ProviderHTTPError):
@@ -159,6 +174,7 @@ class ModelProxy:
         monotonic: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        observer: AttemptObserver | None = None,
     ) -> None:
         self.router = router
         self._providers = providers
@@ -167,6 +183,7 @@ class ModelProxy:
         self._monotonic = monotonic
         self._sleep = sleep
         self._rng = rng or random.Random()
+        self._observer = observer
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -197,11 +214,14 @@ class ModelProxy:
         for dep, healthy in self.router.plan(req.model, req.endpoint):
             tries = 1 + (dep.max_retries if healthy else 0)
             for attempt in range(tries):
-                remaining = deadline - self._monotonic()
+                started = self._monotonic()
+                remaining = deadline - started
                 if remaining <= 0:
                     break
                 exc = yield dep, remaining
                 last = exc
+                if self._observer is not None:
+                    self._observer.attempt(dep, exc, self._monotonic() - started)
                 self._log_failure(req, dep, attempt, exc)
                 if not exc.failover:
                     raise to_tail_error(exc, req.model)
@@ -230,12 +250,20 @@ class ModelProxy:
             },
         )
 
+    def _answered(self, req: ProxyRequest, dep: Deployment, started: float) -> None:
+        self.router.record_success(dep)
+        if req.stats is not None:
+            req.stats.deployment = dep.id
+        if self._observer is not None:
+            self._observer.attempt(dep, None, self._monotonic() - started)
+
     async def call(self, req: ProxyRequest) -> tuple[dict[str, Any], Deployment]:
         """One-shot request: the provider's OpenAI-shaped answer and who gave it."""
         attempts = self._attempts(req)
         step = await anext(attempts)
         while True:
             dep, remaining = step
+            started = self._monotonic()
             provider = self._providers[dep.provider]
             try:
                 result = await _call_provider(provider, req.endpoint, self._call(req, dep, remaining))
@@ -245,7 +273,7 @@ class ModelProxy:
             except TimeoutError:
                 step = await attempts.asend(ProviderTimeoutError(f"no answer within {remaining:.1f}s"))
                 continue
-            self.router.record_success(dep)
+            self._answered(req, dep, started)
             await attempts.aclose()
             return result, dep
 
@@ -260,6 +288,7 @@ class ModelProxy:
         step = await anext(attempts)
         while True:
             dep, remaining = step
+            started = self._monotonic()
             provider = self._providers[dep.provider]
             upstream = _open_provider_stream(provider, req.endpoint, self._call(req, dep, remaining))
             held: list[dict[str, Any]] = []
@@ -284,7 +313,7 @@ class ModelProxy:
                 raise
             break
         await attempts.aclose()
-        self.router.record_success(dep)
+        self._answered(req, dep, started)
         try:
             for chunk in held:
                 yield chunk

@@ -142,6 +142,38 @@ class Source(enum.StrEnum):
     AGENT = "agent"
 
 
+@dataclass(slots=True)
+class RequestStats:
+    """What one HTTP request learns on its way, for its metrics and its access log line.
+
+    Created per request by the request-id middleware (``scope["state"]["stats"]``) and
+    filled in by whoever learns something: the handlers (key id, model), the inference
+    service (usage, cache verdict), the proxy (the deployment that answered), the SSE
+    response (a stream's final status). Only bounded, non-secret facts: never the key,
+    the prompt or the answer.
+    """
+
+    #: the principal's key id (never the key); ``-`` before authentication
+    key_id: str = "-"
+    #: the model as the client named it (metrics map unconfigured names to ``unknown``)
+    model: str = ""
+    #: the deployment that answered (``<model>#<index>``)
+    deployment: str = ""
+    #: token usage, once recorded
+    usage: TokenUsage | None = None
+    #: the response cache's verdict: ``hit``, ``miss`` or ``""`` (not consulted)
+    cache: str = ""
+    #: an SSE response
+    stream: bool = False
+    #: ``time.perf_counter()`` when the first body chunk of a stream was sent (0: not yet)
+    first_byte: float = 0.0
+    #: the final status when it differs from the one sent: a stream that failed after its
+    #: first byte (the in-band error's status) or whose client left (499); 0 otherwise
+    status: int = 0
+    #: a 429's bounded reason (:attr:`tail_service.errors.RateLimitError.reason`)
+    reject_reason: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyRequest:
     """A validated client request on its way to a deployment."""
@@ -164,6 +196,8 @@ class ProxyRequest:
     priority: Priority = Priority.INTERACTIVE
     #: an API call, a batch line or an agent step
     source: Source = Source.API
+    #: what the HTTP request learns on its way, for its metrics and access log (API only)
+    stats: RequestStats | None = None
 
 
 @dataclass(frozen=True, slots=True)
