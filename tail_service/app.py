@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import redis.exceptions
 import sqlalchemy.exc
+from opentelemetry.trace import Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -34,6 +35,7 @@ from tail_service.api.fastpath import FastPathMiddleware
 from tail_service.api.middleware import RequestIdMiddleware
 from tail_service.api.openapi import build_openapi, docs, openapi_json
 from tail_service.api.routes import ROUTES
+from tail_service.api.tracing import TracingMiddleware
 from tail_service.clients.auth import AuthClient, NoAuth
 from tail_service.clients.grpc_channel import ReloadingChannel
 from tail_service.clients.limiter_guard import GuardedLimiter
@@ -64,6 +66,7 @@ from tail_service.settings import (
 from tail_service.store import Store
 from tail_service.store.batches import BatchStore
 from tail_service.tiktoken_counter import TiktokenCounter
+from tail_service.tracing import build_tracing
 
 log = logging.getLogger("tail_service.app")
 
@@ -133,11 +136,15 @@ class Core:
     limiter: GuardedLimiter | None
     #: awaited before the process reports ready (the tokenizer tables)
     warm: asyncio.Task[Any]
+    #: makes the spans (a no-op tracer when tracing is off)
+    tracer: Tracer
 
 
 async def build_core(settings: Settings, closers: _Closers, *, response_cache: bool = True) -> Core:
     """Build the model proxy, admission, store and their clients, each registered with
     ``closers`` the moment it exists."""
+    tracing = build_tracing(settings.tracing)
+    closers.add("the tracer provider", tracing.shutdown)  # closed last: flushes every span
     session = _http_session(settings)
     closers.add("the upstream HTTP session", session.close)
     deployments = build_deployments(settings.model_entries())
@@ -165,6 +172,7 @@ async def build_core(settings: Settings, closers: _Closers, *, response_cache: b
         Credentials(settings.credentials, secrets),
         request_timeout=settings.server.request_timeout,
         monotonic=time.monotonic,
+        tracer=tracing.tracer,
     )
     redis_client, limiter = _limiter(settings)
     if redis_client is not None:
@@ -172,7 +180,13 @@ async def build_core(settings: Settings, closers: _Closers, *, response_cache: b
     if limiter is not None:
         closers.add("the rate limiter", limiter.close)
     admitter = (
-        Admitter(limiter, router, counter, default_max_tokens=settings.ratelimit.default_max_tokens)
+        Admitter(
+            limiter,
+            router,
+            counter,
+            default_max_tokens=settings.ratelimit.default_max_tokens,
+            tracer=tracing.tracer,
+        )
         if limiter is not None
         else None
     )
@@ -192,7 +206,17 @@ async def build_core(settings: Settings, closers: _Closers, *, response_cache: b
     if secrets is not None:
         await secrets.start()
     return Core(
-        inference, router, providers, deployments, metrics, store, secrets, redis_client, limiter, warm
+        inference,
+        router,
+        providers,
+        deployments,
+        metrics,
+        store,
+        secrets,
+        redis_client,
+        limiter,
+        warm,
+        tracing.tracer,
     )
 
 
@@ -217,6 +241,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             auth=auth,
             store=core.store,
             builtin_tools=frozenset(builtin_tools(time.time)),
+            tracer=core.tracer,
         )
 
         async def providers_health() -> dict[str, Any]:
@@ -386,6 +411,14 @@ def _by_method(
     return dispatch
 
 
+def _tracing_middleware(settings: Settings) -> list[Middleware]:
+    """The server-span middleware when tracing is on; none at all (no cost) when it is off."""
+    if not settings.tracing.enabled:
+        return []
+    paths = frozenset(path for _, path, _, _, _ in ROUTES) | {"/metrics", "/openapi.json", "/docs"}
+    return [Middleware(TracingMiddleware, routes=paths)]
+
+
 def create_app(settings: Settings) -> Starlette:
     """A new app for ``settings``; resources are built when its lifespan starts."""
     routes = _router_routes()
@@ -404,6 +437,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         middleware=[
             Middleware(RequestIdMiddleware, access_log_enabled=settings.log_level == "debug"),
+            *_tracing_middleware(settings),
             Middleware(FastPathMiddleware, routes=hot),
         ],
         exception_handlers=EXCEPTION_HANDLERS,

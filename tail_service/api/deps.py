@@ -44,8 +44,13 @@ def bearer_token(request: Request) -> str | None:
 
 
 async def authenticate(request: Request, services: Services) -> Principal:
-    """The caller's principal (401 / 503 ``auth_unavailable`` as the authenticator decides)."""
-    return await services.auth.authenticate(bearer_token(request))
+    """The caller's principal (401 / 503 ``auth_unavailable`` as the authenticator decides).
+
+    Its key id (never the key) is put in the request state for the server span.
+    """
+    principal = await services.auth.authenticate(bearer_token(request))
+    request.scope.setdefault("state", {})["key_id"] = principal.key_id
+    return principal
 
 
 def request_id(request: Request) -> str:

@@ -21,8 +21,11 @@ import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from opentelemetry.trace import Tracer
+
 from tail_service.core.provider import Provider
 from tail_service.core.routing import ModelRouter
+from tail_service.core.spans import NOOP_TRACER, trace_stream, traced_call
 from tail_service.core.types import Deployment, Endpoint, ProxyRequest, UpstreamCall
 from tail_service.errors import (
     InvalidRequestError,
@@ -159,6 +162,7 @@ class ModelProxy:
         monotonic: Callable[[], float],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         self.router = router
         self._providers = providers
@@ -167,6 +171,8 @@ class ModelProxy:
         self._monotonic = monotonic
         self._sleep = sleep
         self._rng = rng or random.Random()
+        #: one span per attempt (see :mod:`tail_service.core.spans`)
+        self._tracer = tracer
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -238,7 +244,8 @@ class ModelProxy:
             dep, remaining = step
             provider = self._providers[dep.provider]
             try:
-                result = await _call_provider(provider, req.endpoint, self._call(req, dep, remaining))
+                sent = _call_provider(provider, req.endpoint, self._call(req, dep, remaining))
+                result = await traced_call(self._tracer, req, dep, sent)
             except ProviderError as exc:
                 step = await attempts.asend(exc)
                 continue
@@ -262,6 +269,7 @@ class ModelProxy:
             dep, remaining = step
             provider = self._providers[dep.provider]
             upstream = _open_provider_stream(provider, req.endpoint, self._call(req, dep, remaining))
+            upstream = trace_stream(self._tracer, req, dep, upstream)
             held: list[dict[str, Any]] = []
             try:
                 async with asyncio.timeout(remaining):
