@@ -297,3 +297,82 @@ def test_a_collector_that_is_down_costs_the_client_nothing(
             timeout=10,
         )
         assert r.status_code == 200
+
+
+def _memory_tracer() -> tuple[Any, Any]:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("test"), exporter
+
+
+async def test_step_spans_parent_the_model_calls_and_record_failures_without_messages() -> None:
+    """Batch chunks and agent steps (``step_span``) are current spans: attempts nest under them."""
+    from tail_service.core.spans import step_span, traced_call
+    from tail_service.core.types import Deployment, Endpoint, ProxyRequest
+
+    tracer, exporter = _memory_tracer()
+    dep = Deployment("m#0", "m", "openai", "http://up/v1", "up-model", frozenset(Endpoint))
+    req = ProxyRequest(Endpoint.EMBEDDING, "m", {"input": PROMPT})
+
+    class Engine:
+        def __init__(self) -> None:
+            self.tracer = tracer
+
+        @step_span(
+            "tail.batch.chunk", "tail.batch.id", "tail.batch.first_line", result="tail.batch.lines_run"
+        )
+        async def run_chunk(self, batch_id: str, first: int) -> int:
+            async def upstream() -> dict[str, Any]:
+                return {"model": "up-model", "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+
+            await traced_call(self.tracer, req, dep, upstream())
+            return 7
+
+        @step_span("tail.agent.tool_call", "tail.agent.run_id", "tail.agent.step")
+        async def tool_call(self, run_id: str, step_no: int) -> None:
+            raise ValueError(PROMPT)
+
+    engine = Engine()
+    assert await engine.run_chunk("batch_1", 0) == 7
+    with pytest.raises(ValueError):
+        await engine.tool_call("run_1", 2)
+    attempt, chunk, tool = exporter.get_finished_spans()
+    assert attempt.parent is not None and attempt.parent.span_id == chunk.context.span_id
+    assert attempt.name == "embeddings up-model"
+    assert attempt.attributes["gen_ai.usage.input_tokens"] == 3
+    assert dict(chunk.attributes) == {
+        "tail.batch.id": "batch_1",
+        "tail.batch.first_line": 0,
+        "tail.batch.lines_run": 7,
+    }
+    assert tool.attributes["error.type"] == "ValueError"
+    assert tool.attributes["tail.agent.step"] == 2
+    assert not tool.events and PROMPT not in str(tool.to_json())
+
+
+async def test_a_stream_attempt_cut_by_the_upstream_is_an_error_span() -> None:
+    from tail_service.core.spans import trace_stream
+    from tail_service.core.types import Deployment, Endpoint, ProxyRequest
+    from tail_service.errors import ProviderStreamCut
+
+    tracer, exporter = _memory_tracer()
+    dep = Deployment("m#0", "m", "anthropic", "https://api.example.com", "claude", frozenset(Endpoint))
+
+    async def chunks() -> Any:
+        yield {"id": "msg_1", "model": "claude", "choices": [{"delta": {"content": "x"}}]}
+        raise ProviderStreamCut("cut")
+
+    stream = trace_stream(tracer, ProxyRequest(Endpoint.CHAT, "m", {}), dep, chunks())
+    with pytest.raises(ProviderStreamCut):
+        async for _ in stream:
+            pass
+    [span] = exporter.get_finished_spans()
+    assert span.attributes["gen_ai.response.id"] == "msg_1"
+    assert span.attributes["error.type"] == "ProviderStreamCut"
+    assert span.attributes["server.port"] == 443
+    assert span.status.status_code.name == "ERROR"
