@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import redis.exceptions
 import sqlalchemy.exc
+from opentelemetry.trace import Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -34,6 +35,7 @@ from tail_service.api.fastpath import FastPathMiddleware
 from tail_service.api.middleware import RequestIdMiddleware
 from tail_service.api.openapi import build_openapi, docs, openapi_json
 from tail_service.api.routes import ROUTES
+from tail_service.api.tracing import TracingMiddleware
 from tail_service.clients.auth import AuthClient, NoAuth
 from tail_service.clients.grpc_channel import ReloadingChannel
 from tail_service.clients.limiter_guard import GuardedLimiter
@@ -67,6 +69,7 @@ from tail_service.settings import (
 from tail_service.store import Store
 from tail_service.store.batches import BatchStore
 from tail_service.tiktoken_counter import TiktokenCounter
+from tail_service.tracing import build_tracing
 
 log = logging.getLogger("tail_service.app")
 
@@ -139,6 +142,8 @@ class Core:
     pricing: Pricing
     #: moves usage records from the Redis stream into the store (None: not in this process)
     drainer: UsageDrainer | None
+    #: makes the spans (a no-op tracer when tracing is off)
+    tracer: Tracer
 
 
 async def build_core(
@@ -152,6 +157,8 @@ async def build_core(
     """Build the model proxy, admission, store and their clients, each registered with
     ``closers`` the moment it exists (into ``metrics`` when given: the HTTP app's).
     ``drain_usage``: run a drainer of the usage ledger's stream here."""
+    tracing = build_tracing(settings.tracing)
+    closers.add("the tracer provider", tracing.shutdown)  # closed last: flushes every span
     session = _http_session(settings)
     closers.add("the upstream HTTP session", session.close)
     deployments = build_deployments(settings.model_entries())
@@ -181,6 +188,7 @@ async def build_core(
         request_timeout=settings.server.request_timeout,
         monotonic=time.monotonic,
         observer=UpstreamMetrics(metrics),
+        tracer=tracing.tracer,
     )
     redis_client, limiter = _limiter(settings)
     metrics.watch(router=router, limiter=limiter)
@@ -196,6 +204,7 @@ async def build_core(
             counter,
             default_max_tokens=settings.ratelimit.default_max_tokens,
             pricing=pricing,
+            tracer=tracing.tracer,
         )
         if limiter is not None
         else None
@@ -242,6 +251,7 @@ async def build_core(
         warm,
         pricing,
         drainer,
+        tracing.tracer,
     )
 
 
@@ -287,6 +297,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             auth=auth,
             store=core.store,
             builtin_tools=frozenset(builtin_tools(time.time)),
+            tracer=core.tracer,
         )
 
         async def providers_health() -> dict[str, Any]:
@@ -473,6 +484,14 @@ def _by_method(
     return dispatch
 
 
+def _tracing_middleware(settings: Settings) -> list[Middleware]:
+    """The server-span middleware when tracing is on; none at all (no cost) when it is off."""
+    if not settings.tracing.enabled:
+        return []
+    paths = frozenset(path for _, path, _, _, _ in ROUTES) | {"/metrics", "/openapi.json", "/docs"}
+    return [Middleware(TracingMiddleware, routes=paths)]
+
+
 def create_app(settings: Settings) -> Starlette:
     """A new app for ``settings``; resources are built when its lifespan starts."""
     routes = _router_routes()
@@ -498,6 +517,7 @@ def create_app(settings: Settings) -> Starlette:
                 fast_paths=frozenset(path for _, path in hot),
                 models=metrics.models,
             ),
+            *_tracing_middleware(settings),
             Middleware(FastPathMiddleware, routes=hot),
         ],
         exception_handlers=EXCEPTION_HANDLERS,

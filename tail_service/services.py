@@ -8,10 +8,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import Tracer
+
 from tail_service.core.auth import Authenticator
 from tail_service.core.inference import InferenceService
 from tail_service.core.provider import Provider
 from tail_service.core.routing import ModelRouter
+from tail_service.core.spans import NOOP_TRACER
 from tail_service.metrics import Metrics
 from tail_service.settings import Settings
 from tail_service.store import Store
@@ -44,3 +47,5 @@ class Services:
     health_checks: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
     #: large request bodies are parsed one at a time (see :func:`tail_service.api.body.read_json`)
     large_body_gate: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: makes the spans of requests (:mod:`tail_service.tracing`); a no-op when tracing is off
+    tracer: Tracer = NOOP_TRACER

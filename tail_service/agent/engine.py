@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from opentelemetry.trace import Tracer
+
 from tail_service.core.agent import (
     END_EVENTS,
     CatalogError,
@@ -38,6 +40,7 @@ from tail_service.core.auth import principal_from_json
 from tail_service.core.batch import TRANSIENT, usage_details
 from tail_service.core.cache import ChatAccumulator
 from tail_service.core.inference import InferenceService
+from tail_service.core.spans import NOOP_TRACER, step_span
 from tail_service.core.tools import Tool, ToolError, ToolSpec, builtin_tools, cut_text, parse_arguments
 from tail_service.core.types import Endpoint, ProxyRequest, Source, TokenUsage
 from tail_service.errors import QuotaExceededError, RateLimitError, TailError
@@ -97,8 +100,11 @@ class AgentEngine:
         *,
         default_max_tokens: int = 1024,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         self.settings = settings
+        #: one span per model call and per tool call step
+        self.tracer = tracer
         self.store = store
         self.runs = AgentStore(store)
         self.inference = inference
@@ -210,6 +216,7 @@ class AgentEngine:
             requested, {n: t.spec for n, t in self.builtins.items()}, listed, self.settings.max_tools
         )
 
+    @step_span("tail.agent.model_call", "tail.agent.run_id", "tail.agent.step")
     async def model_call(self, run_id: str, step_no: int) -> Plan:
         """One model call (streamed into ``message.delta`` events), then the plan: the end,
         or a round of tool calls. The call's step, the tool steps it plans and the run's
@@ -456,6 +463,7 @@ class AgentEngine:
         usage = TokenUsage.from_openai(answer.get("usage")) or TokenUsage()
         return answer, usage
 
+    @step_span("tail.agent.tool_call", "tail.agent.run_id", "tail.agent.step")
     async def tool_call(self, run_id: str, step_no: int) -> None:
         """Run one server-side tool call; its result (or error) is stored for the model."""
         step = await self.store.run(self.runs.step, run_id, step_no)

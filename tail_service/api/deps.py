@@ -57,7 +57,11 @@ def request_stats(request: Request) -> RequestStats | None:
 
 
 async def authenticate(request: Request, services: Services) -> Principal:
-    """The caller's principal (401 / 503 ``auth_unavailable`` as the authenticator decides)."""
+    """The caller's principal (401 / 503 ``auth_unavailable`` as the authenticator decides).
+
+    Its key id (never the key) goes in the request's stats, for the access log, the
+    metrics and the server span.
+    """
     principal = await services.auth.authenticate(bearer_token(request))
     stats = request_stats(request)
     if stats is not None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import orjson
+from opentelemetry.trace import Tracer
 
 from tail_service.core.auth import KeyDirectory, principal_from_json
 from tail_service.core.batch import (
@@ -34,6 +35,7 @@ from tail_service.core.batch import (
     run_line,
 )
 from tail_service.core.inference import InferenceService
+from tail_service.core.spans import NOOP_TRACER, step_span
 from tail_service.core.types import Principal
 from tail_service.errors import ServiceUnavailableError
 from tail_service.settings import BatchSettings
@@ -172,8 +174,11 @@ class BatchEngine:
         *,
         keys: KeyDirectory | None = None,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         self.settings = settings
+        #: one span per chunk run
+        self.tracer = tracer
         self.store = store
         self.batches = BatchStore(store)
         self.files = FileStore(store)
@@ -276,6 +281,13 @@ class BatchEngine:
 
     # -- run --------------------------------------------------------------------------------
 
+    @step_span(
+        "tail.batch.chunk",
+        "tail.batch.id",
+        "tail.batch.first_line",
+        "tail.batch.last_line",
+        result="tail.batch.lines_run",
+    )
     async def run_chunk(self, batch_id: str, first: int, last: int) -> int:
         """Run the lines ``first..last`` that have no result yet; returns how many ran."""
         batch = await self.store.run(self.batches.get_any, batch_id)

@@ -141,7 +141,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             # the key that created a batch is checked again while the batch runs
             keys = AuthClient(ReloadingChannel(settings.auth.address, settings.auth.tls), settings.auth)
             closers.add("the auth-service client", keys.close)
-        engine = BatchEngine(settings.batch, core.store, core.inference, keys=keys)
+        engine = BatchEngine(settings.batch, core.store, core.inference, keys=keys, tracer=core.tracer)
         mcp = McpClient(
             settings.mcp_servers,
             tool_timeout=settings.agent.tool_timeout,
@@ -154,6 +154,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             core.inference,
             mcp,
             default_max_tokens=settings.ratelimit.default_max_tokens,
+            tracer=core.tracer,
         )
         me = executor_id(settings)
         config = workflows.dbos_config(system_database_url(settings), me, settings.log_level)

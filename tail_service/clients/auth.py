@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 
 from tail_service.clients.grpc_channel import ReloadingChannel, check_health
+from tail_service.clients.grpc_metadata import outgoing_metadata
 from tail_service.core.types import ANONYMOUS, Principal
 from tail_service.errors import AuthenticationError, ServiceUnavailableError
 from tail_service.proto import auth_pb2, auth_pb2_grpc
@@ -136,12 +137,14 @@ class AuthClient:
 
     async def _call(self, method: str, request: Any) -> Any:
         """One unary RPC, tried again on UNAVAILABLE / DEADLINE_EXCEEDED (with backoff); any
-        other failure, or the last one, is raised as the ``AioRpcError``."""
+        other failure, or the last one, is raised as the ``AioRpcError``. It carries the
+        request id and trace context of the request that caused it."""
         stub = auth_pb2_grpc.AuthServiceStub(self._channel.get())
         attempts = 1 + self._settings.retries
+        metadata = outgoing_metadata()
         for attempt in range(attempts):
             try:
-                return await getattr(stub, method)(request, timeout=self._settings.timeout)
+                return await getattr(stub, method)(request, timeout=self._settings.timeout, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _RETRYABLE and attempt < attempts - 1:
                     await asyncio.sleep(0.05 * 2**attempt)

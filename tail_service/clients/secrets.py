@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from tail_service.clients.grpc_channel import ReloadingChannel, check_health
+from tail_service.clients.grpc_metadata import outgoing_metadata
 from tail_service.errors import ServiceUnavailableError
 from tail_service.proto import secrets_pb2, secrets_pb2_grpc
 from tail_service.settings import SecretsSettings
@@ -60,7 +61,9 @@ class SecretsClient:
         for name in self._names:
             try:
                 resp = await stub.GetSecret(
-                    secrets_pb2.GetSecretRequest(name=name), timeout=self._settings.timeout
+                    secrets_pb2.GetSecretRequest(name=name),
+                    timeout=self._settings.timeout,
+                    metadata=outgoing_metadata(),
                 )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:

@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from opentelemetry.trace import Tracer
+
 from tail_service.core.budget import budget_for, budget_message
 from tail_service.core.pricing import Pricing
 from tail_service.core.ratelimit import (
@@ -41,6 +43,7 @@ from tail_service.core.ratelimit import (
     ratelimit_headers,
 )
 from tail_service.core.routing import ModelRouter
+from tail_service.core.spans import NOOP_TRACER, admission_span, record_failure
 from tail_service.core.token_counter import COUNT_INLINE_MAX_BYTES, TokenCounter, count_prompt
 from tail_service.core.types import Endpoint, ProxyRequest
 from tail_service.errors import QuotaExceededError, RateLimitError, TokenRateLimitError
@@ -66,8 +69,10 @@ class Admitter:
         default_max_tokens: int,
         pricing: Pricing | None = None,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         self._limiter = limiter
+        self._tracer = tracer
         self._router = router
         self._counter = counter
         self._default_max_tokens = default_max_tokens
@@ -89,8 +94,25 @@ class Admitter:
         """Reserve capacity for ``req``: ``(ticket, rate-limit headers for the reply)``.
 
         The ticket is ``None`` when nothing limits the request (then there are no headers
-        either). Raises a 429 (carrying the same headers) when there is no capacity.
+        either). Raises a 429 (carrying the same headers) when there is no capacity. Runs
+        under a ``tail.admission`` span.
         """
+        span = admission_span(self._tracer)
+        try:
+            ticket, headers = await self._admit(req, priority)
+            if ticket is not None and span.is_recording():
+                span.set_attribute("tail.ratelimit.reserved_tokens", ticket.request.tokens)
+            return ticket, headers
+        except BaseException as exc:
+            record_failure(span, exc)
+            reason = getattr(exc, "reason", None)
+            if isinstance(reason, str) and span.is_recording():
+                span.set_attribute("tail.ratelimit.reason", reason)
+            raise
+        finally:
+            span.end()
+
+    async def _admit(self, req: ProxyRequest, priority: Priority) -> tuple[Ticket | None, dict[str, str]]:
         p = req.principal
         key_limits = Limits(p.rpm, p.tpm, p.max_concurrency)
         model_limits, total_limits = self._router.model_limits(req.model)

@@ -21,8 +21,11 @@ import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from opentelemetry.trace import Tracer
+
 from tail_service.core.provider import Provider
 from tail_service.core.routing import ModelRouter
+from tail_service.core.spans import NOOP_TRACER, trace_stream, traced_call
 from tail_service.core.types import Deployment, Endpoint, ProxyRequest, UpstreamCall
 from tail_service.errors import (
     InvalidRequestError,
@@ -175,6 +178,7 @@ class ModelProxy:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         observer: AttemptObserver | None = None,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         self.router = router
         self._providers = providers
@@ -184,6 +188,8 @@ class ModelProxy:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._observer = observer
+        #: one span per attempt (see :mod:`tail_service.core.spans`)
+        self._tracer = tracer
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -266,7 +272,8 @@ class ModelProxy:
             started = self._monotonic()
             provider = self._providers[dep.provider]
             try:
-                result = await _call_provider(provider, req.endpoint, self._call(req, dep, remaining))
+                sent = _call_provider(provider, req.endpoint, self._call(req, dep, remaining))
+                result = await traced_call(self._tracer, req, dep, sent)
             except ProviderError as exc:
                 step = await attempts.asend(exc)
                 continue
@@ -291,6 +298,7 @@ class ModelProxy:
             started = self._monotonic()
             provider = self._providers[dep.provider]
             upstream = _open_provider_stream(provider, req.endpoint, self._call(req, dep, remaining))
+            upstream = trace_stream(self._tracer, req, dep, upstream)
             held: list[dict[str, Any]] = []
             try:
                 async with asyncio.timeout(remaining):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tail_service.rpc.context import RequestContextInterceptor
 from tail_service.rpc.tls import ReloadingServerCerts
 from tail_service.settings import TLSFiles
 
@@ -55,6 +56,8 @@ def start_server(
     """
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=service_name),
+        # the caller's request id on the handlers' log lines
+        interceptors=[RequestContextInterceptor()],
         options=[
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_permit_without_calls", 1),
