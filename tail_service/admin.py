@@ -21,7 +21,15 @@ TIMEOUT = 10.0
 
 
 class AdminError(Exception):
-    """A failed admin call, with a message for a person (no traceback, no secret)."""
+    """A failed admin call, with a message for a person (no traceback, no secret).
+
+    ``exit_code`` is 2 when the service refused the arguments (INVALID_ARGUMENT), as for
+    a usage error, else 1.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -65,11 +73,12 @@ def _call(fn: object, request: object) -> object:
         detail = exc.details()  # type: ignore[attr-defined]
         if code == grpc.StatusCode.UNAVAILABLE:
             raise AdminError(f"service unavailable: {detail}") from None
-        raise AdminError(f"{code.name.lower()}: {detail}") from None
+        exit_code = 2 if code == grpc.StatusCode.INVALID_ARGUMENT else 1
+        raise AdminError(f"{code.name.lower()}: {detail}", exit_code=exit_code) from None
 
 
 class KeysAdmin:
-    """``tail-service keys ...``."""
+    """``tail-service keys ...`` and ``tail-service tenants ...`` (both auth-service)."""
 
     def __init__(self, target: Target) -> None:
         self._channel = _channel(target)
@@ -90,6 +99,8 @@ class KeysAdmin:
         expires_at: int,
         response_cache: bool = False,
         mcp_servers: list[str] | None = None,
+        budget_usd: float = 0.0,
+        budget_period: str = "",
     ) -> auth_pb2.CreateKeyResponse:
         req = auth_pb2.CreateKeyRequest(
             name=name,
@@ -99,6 +110,7 @@ class KeysAdmin:
             expires_at=expires_at,
             response_cache=response_cache,
             mcp_servers=mcp_servers or [],
+            budget=auth_pb2.Budget(usd=budget_usd, period=budget_period),
         )
         resp: auth_pb2.CreateKeyResponse = _call(self._stub.CreateKey, req)  # type: ignore[assignment]
         return resp
@@ -119,6 +131,16 @@ class KeysAdmin:
     def update(self, req: auth_pb2.UpdateKeyRequest) -> auth_pb2.KeyInfo:
         resp: auth_pb2.UpdateKeyResponse = _call(self._stub.UpdateKey, req)  # type: ignore[assignment]
         return resp.key
+
+    def tenant(self, tenant: str) -> auth_pb2.TenantInfo:
+        req = auth_pb2.GetTenantRequest(tenant=tenant)
+        resp: auth_pb2.GetTenantResponse = _call(self._stub.GetTenant, req)  # type: ignore[assignment]
+        return resp.tenant
+
+    def set_tenant_budget(self, tenant: str, usd: float, period: str) -> auth_pb2.TenantInfo:
+        req = auth_pb2.SetTenantBudgetRequest(tenant=tenant, budget=auth_pb2.Budget(usd=usd, period=period))
+        resp: auth_pb2.SetTenantBudgetResponse = _call(self._stub.SetTenantBudget, req)  # type: ignore[assignment]
+        return resp.tenant
 
 
 class SecretsAdmin:

@@ -1,5 +1,5 @@
 """CLI commands for the services and their administration: certs, auth-service,
-secret-service, keys and secrets. Registered on the main app by :mod:`tail_service.cli`."""
+secret-service, keys, tenants and secrets. Registered on the main app by :mod:`tail_service.cli`."""
 
 from __future__ import annotations
 
@@ -37,13 +37,14 @@ TlsDirOpt = Annotated[
 ]
 
 keys_app = typer.Typer(help="Create, list, revoke and update API keys (auth-service).", no_args_is_help=True)
+tenants_app = typer.Typer(help="Tenant policy: budgets for all of a tenant's keys.", no_args_is_help=True)
 secrets_app = typer.Typer(help="Provider credentials in secret-service.", no_args_is_help=True)
 certs_app = typer.Typer(help="The development PKI for mutual TLS.", no_args_is_help=True)
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, exit_code: int = 1) -> typer.Exit:
     typer.echo(f"tail-service: {message}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(exit_code)
 
 
 def _service_settings(config: Path | None) -> Settings:
@@ -113,7 +114,7 @@ def _admin(
     try:
         yield admin
     except AdminError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(str(exc), exc.exit_code) from None
     finally:
         admin.close()
 
@@ -134,6 +135,28 @@ def _models(value: str | None) -> list[str]:
     return [m.strip() for m in (value or "").split(",") if m.strip()]
 
 
+BudgetOpt = Annotated[float, typer.Option("--budget", help="USD per budget period (0: no budget)")]
+BudgetPeriodOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--budget-period",
+        help="day or month (UTC calendar), or none (never resets) [default: month, or the current one]",
+    ),
+]
+
+
+def _budget(b: auth_pb2.Budget, empty: str = "none") -> str:
+    """``$5/day``, ``$100/month``, ``$20 total`` (period none), or ``empty`` without a budget."""
+    return _spend(b.usd, b.period, empty)
+
+
+def _spend(usd: float, period: str, empty: str = "none") -> str:
+    if not usd:
+        return empty
+    amount = f"{usd:.6f}".rstrip("0").rstrip(".")
+    return f"${amount} total" if period == "none" else f"${amount}/{period}"
+
+
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="a label for the key")] = "default",
@@ -151,6 +174,8 @@ def keys_create(
     mcp_servers: Annotated[
         str | None, typer.Option(help="comma-separated MCP servers its agent runs may use [default: all]")
     ] = None,
+    budget: BudgetOpt = 0.0,
+    budget_period: BudgetPeriodOpt = None,
     state_dir: StateOpt = None,
     auth_address: AuthAddrOpt = None,
     tls_dir: TlsDirOpt = None,
@@ -168,8 +193,13 @@ def keys_create(
             expires_at=expires_at,
             response_cache=cache,
             mcp_servers=_models(mcp_servers),
+            budget_usd=budget,
+            budget_period=budget_period or "",
         )
-    typer.echo(f"created key {resp.key.id} ({resp.key.prefix}...) for tenant {resp.key.tenant}", err=True)
+    spend = f", budget {_budget(resp.key.budget)}" if resp.key.budget.usd else ""
+    typer.echo(
+        f"created key {resp.key.id} ({resp.key.prefix}...) for tenant {resp.key.tenant}{spend}", err=True
+    )
     typer.echo("store it now: it is shown only once", err=True)
     typer.echo(resp.api_key)
 
@@ -190,6 +220,8 @@ def key_record(k: auth_pb2.KeyInfo) -> dict[str, Any]:
         "revoked": k.revoked,
         "response_cache": k.response_cache,
         "mcp_servers": list(k.mcp_servers),  # empty: every configured MCP server
+        "budget_usd": k.budget.usd,  # 0: no budget
+        "budget_period": k.budget.period or "none",  # day, month (UTC) or none (never resets)
     }
 
 
@@ -227,7 +259,19 @@ def keys_list(
     if as_json:
         typer.echo(json.dumps(keys, indent=2))
         return
-    header = ["ID", "PREFIX", "NAME", "TENANT", "MODELS", "RPM", "TPM", "CONCURRENCY", "EXPIRES", "STATUS"]
+    header = [
+        "ID",
+        "PREFIX",
+        "NAME",
+        "TENANT",
+        "MODELS",
+        "RPM",
+        "TPM",
+        "CONCURRENCY",
+        "BUDGET",
+        "EXPIRES",
+        "STATUS",
+    ]
     rows = [
         [
             k["id"],
@@ -238,6 +282,7 @@ def keys_list(
             _limit(k["rpm"]),
             _limit(k["tpm"]),
             _limit(k["max_concurrency"]),
+            _spend(k["budget_usd"], k["budget_period"], "-"),
             _when(k["expires_at"]),
             ("revoked" if k["revoked"] else "active") + (", cache" if k["response_cache"] else ""),
         ]
@@ -273,11 +318,15 @@ def keys_update(
     mcp_servers: Annotated[
         str | None, typer.Option(help="comma-separated MCP servers its agent runs may use ('' for all)")
     ] = None,
+    budget: Annotated[
+        float | None, typer.Option("--budget", help="USD per budget period (0: remove it)")
+    ] = None,
+    budget_period: BudgetPeriodOpt = None,
     state_dir: StateOpt = None,
     auth_address: AuthAddrOpt = None,
     tls_dir: TlsDirOpt = None,
 ) -> None:
-    """Change a key's limits, label, models or MCP servers."""
+    """Change a key's limits, label, models, MCP servers or budget."""
     from tail_service.proto import auth_pb2
 
     req = auth_pb2.UpdateKeyRequest(id=key_id)
@@ -297,13 +346,41 @@ def keys_update(
     if mcp_servers is not None:
         req.set_mcp_servers = True
         req.mcp_servers.extend(_models(mcp_servers))
+    if budget is not None:
+        req.budget_usd = budget
+    if budget_period is not None:
+        req.budget_period = budget_period
     with _keys(state_dir, auth_address, tls_dir) as admin:
         info = admin.update(req)
     typer.echo(
         f"updated {info.id}: rpm={info.limits.rpm} tpm={info.limits.tpm} "
         f"max_concurrency={info.limits.max_concurrency} models={','.join(info.allowed_models) or '*'} "
-        f"mcp_servers={','.join(info.mcp_servers) or '*'}"
+        f"mcp_servers={','.join(info.mcp_servers) or '*'} budget={_budget(info.budget)}"
     )
+
+
+@tenants_app.command("budget")
+def tenants_budget(
+    tenant: Annotated[str, typer.Argument(help="the tenant, as its keys name it")],
+    budget: Annotated[
+        float | None, typer.Option("--budget", help="USD per budget period for all its keys (0: remove it)")
+    ] = None,
+    budget_period: BudgetPeriodOpt = None,
+    state_dir: StateOpt = None,
+    auth_address: AuthAddrOpt = None,
+    tls_dir: TlsDirOpt = None,
+) -> None:
+    """Set a tenant's budget (all its keys together), or show it without --budget.
+
+    A change reaches every gateway within about a second."""
+    if budget is None and budget_period is not None:
+        raise _fail("--budget-period needs --budget (the amount for the period)", 2)
+    with _keys(state_dir, auth_address, tls_dir) as admin:
+        if budget is None:
+            info = admin.tenant(tenant)
+        else:
+            info = admin.set_tenant_budget(tenant, budget, budget_period or "")
+    typer.echo(f"tenant {info.tenant}: budget {_budget(info.budget)}")
 
 
 def _read_value() -> bytes:
@@ -380,5 +457,6 @@ def register(cli: typer.Typer) -> None:
     cli.command("auth-service")(auth_service)
     cli.command("secret-service")(secret_service)
     cli.add_typer(keys_app, name="keys")
+    cli.add_typer(tenants_app, name="tenants")
     cli.add_typer(secrets_app, name="secrets")
     cli.add_typer(certs_app, name="certs")

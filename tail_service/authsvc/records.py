@@ -1,26 +1,36 @@
 """What the key store hands out and what it accepts: records, errors and argument checks.
 
 :class:`KeyInfo` is a key as admins see it, :class:`VerifiedKey` the principal of a key
-that verified, :class:`KeyEvent` one row of the ``key_events`` log. The ``clean_*``
+that verified, :class:`TenantInfo` a tenant's policy, :class:`KeyEvent` one row of the
+``key_events`` log. The ``clean_*``
 functions check and normalise what callers pass to :class:`~tail_service.authsvc.store.KeyStore`
 and raise :class:`InvalidKeyArgument` naming the field; the bounds are the ``MAX_*``
 constants. No SQL here.
 
 Times are unix seconds (integers). Limits of 0 mean "no limit", ``expires_at`` 0 "never".
+Budgets are US dollars per period (``day`` or ``month``, UTC calendar, or ``none``: never
+resets); 0 dollars means "no budget", and its period is then always ``none``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 EventKind = Literal["revoked", "updated"]
 
+#: budget periods: a UTC calendar day or month, or none (the budget never resets)
+BUDGET_PERIODS = ("day", "month", "none")
+#: the period of a budget given without one
+DEFAULT_BUDGET_PERIOD = "month"
+
 MAX_TEXT = 200  # longest name, tenant or model id
 MAX_MODELS = 1000
 MAX_LIMIT = 2**53  # limits stay exact in JSON and in every client language
 MAX_EXPIRES = 253_402_300_799  # 9999-12-31: larger values are milliseconds by mistake
+MAX_BUDGET_USD = 1e9
 
 
 class KeyStoreError(Exception):
@@ -53,6 +63,8 @@ class KeyInfo:
     updated_at: int
     response_cache: bool = False
     mcp_servers: tuple[str, ...] = ()  # empty: every configured MCP server
+    budget_usd: float = 0.0  # 0: no budget
+    budget_period: str = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +81,21 @@ class VerifiedKey:
     expires_at: int
     response_cache: bool = False
     mcp_servers: tuple[str, ...] = ()
+    budget_usd: float = 0.0
+    budget_period: str = "none"
+    tenant_budget_usd: float = 0.0  # the tenant's budget, for all its keys together
+    tenant_budget_period: str = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantInfo:
+    """A tenant's policy. Tenants exist as soon as a key names them; one whose budget was
+    never set has budget 0 (none) and ``updated_at`` 0."""
+
+    tenant: str
+    budget_usd: float = 0.0
+    budget_period: str = "none"
+    updated_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,3 +141,22 @@ def clean_models(values: Iterable[str], field: str = "allowed_models") -> tuple[
     if len(out) > MAX_MODELS:
         raise InvalidKeyArgument(f"{field} holds more than {MAX_MODELS} entries")
     return tuple(out)
+
+
+def clean_budget(usd: float, period: str | None, *, current_period: str | None = None) -> tuple[float, str]:
+    """A budget as ``(usd, period)``, checked; :class:`InvalidKeyArgument` names ``budget_usd``
+    or ``budget_period``.
+
+    ``usd`` must be finite, in 0 .. :data:`MAX_BUDGET_USD`; ``period`` one of
+    :data:`BUDGET_PERIODS` (case and spaces ignored). A period left out (``None`` or
+    empty) is ``current_period`` (the budget being changed, if it has one), else
+    :data:`DEFAULT_BUDGET_PERIOD`. A budget of 0 is "no budget" and its period ``none``.
+    """
+    if not (math.isfinite(usd) and 0 <= usd <= MAX_BUDGET_USD):
+        raise InvalidKeyArgument(f"budget_usd must be a number from 0 (no budget) to {MAX_BUDGET_USD:.0f}")
+    name = (period or "").strip().lower()
+    if name and name not in BUDGET_PERIODS:
+        raise InvalidKeyArgument(f"budget_period must be one of {', '.join(BUDGET_PERIODS)}")
+    if usd == 0:
+        return 0.0, "none"
+    return float(usd), name or current_period or DEFAULT_BUDGET_PERIOD

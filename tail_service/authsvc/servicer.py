@@ -2,7 +2,7 @@
 
 Authorization is by the client certificate's identity: ``client_identities`` and
 ``admin_identities`` may verify keys and watch key events; only ``admin_identities`` may
-create, list, revoke and update keys. Every failed verification is the same
+create, list, revoke and update keys, and read and set tenant budgets. Every failed verification is the same
 ``UNAUTHENTICATED: invalid api key``, whether the key is malformed, unknown, revoked or
 expired. Store errors become status codes in one place (:func:`_store_errors`);
 :mod:`.events` feeds the ``WatchKeyEvents`` streams, :mod:`.server` runs the servicer.
@@ -20,7 +20,7 @@ import grpc
 import sqlalchemy as sa
 
 from tail_service.authsvc.events import EventHub, WatchRefused
-from tail_service.authsvc.records import InvalidKeyArgument, KeyInfo, KeyNotFound, VerifiedKey
+from tail_service.authsvc.records import InvalidKeyArgument, KeyInfo, KeyNotFound, TenantInfo, VerifiedKey
 from tail_service.authsvc.store import KeyStore
 from tail_service.proto import auth_pb2, auth_pb2_grpc
 from tail_service.rpc.identity import require_identity
@@ -32,15 +32,34 @@ log = logging.getLogger("tail_service.authsvc")
 Ctx = grpc.ServicerContext
 _M = TypeVar("_M", auth_pb2.KeyInfo, auth_pb2.Principal)
 
-_OPTIONAL_FIELDS = ("name", "rpm", "tpm", "max_concurrency", "expires_at", "response_cache")
+_OPTIONAL_FIELDS = (
+    "name",
+    "rpm",
+    "tpm",
+    "max_concurrency",
+    "expires_at",
+    "response_cache",
+    "budget_usd",
+    "budget_period",
+)
 _KINDS = {"revoked": auth_pb2.KeyEvent.REVOKED, "updated": auth_pb2.KeyEvent.UPDATED}
 
 
 def _pb(message: type[_M], record: KeyInfo | VerifiedKey) -> _M:
-    """``record`` as a ``KeyInfo``/``Principal`` message (its three limits nested in ``Limits``)."""
+    """``record`` as a ``KeyInfo``/``Principal`` message (its three limits nested in ``Limits``,
+    its budgets in ``Budget``)."""
     d = asdict(record)
     limits = auth_pb2.Limits(rpm=d.pop("rpm"), tpm=d.pop("tpm"), max_concurrency=d.pop("max_concurrency"))
+    d["budget"] = auth_pb2.Budget(usd=d.pop("budget_usd"), period=d.pop("budget_period"))
+    if "tenant_budget_usd" in d:
+        usd, period = d.pop("tenant_budget_usd"), d.pop("tenant_budget_period")
+        d["tenant_budget"] = auth_pb2.Budget(usd=usd, period=period)
     return message(**d, limits=limits)
+
+
+def _tenant_pb(info: TenantInfo) -> auth_pb2.TenantInfo:
+    budget = auth_pb2.Budget(usd=info.budget_usd, period=info.budget_period)
+    return auth_pb2.TenantInfo(tenant=info.tenant, budget=budget, updated_at=info.updated_at)
 
 
 @contextmanager
@@ -105,6 +124,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 expires_at=request.expires_at,
                 response_cache=request.response_cache,
                 mcp_servers=list(request.mcp_servers),
+                budget_usd=request.budget.usd,
+                budget_period=request.budget.period,
             )
         log.info("key created", extra={"key_id": info.id, "tenant": info.tenant, "by": who})
         return auth_pb2.CreateKeyResponse(key=_pb(auth_pb2.KeyInfo, info), api_key=api_key)
@@ -144,6 +165,25 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self._hub.poke()
         log.info("key updated", extra={"key_id": info.id, "tenant": info.tenant, "by": who})
         return auth_pb2.UpdateKeyResponse(key=_pb(auth_pb2.KeyInfo, info))
+
+    def SetTenantBudget(
+        self, request: auth_pb2.SetTenantBudgetRequest, context: Ctx
+    ) -> auth_pb2.SetTenantBudgetResponse:
+        """Set or remove a tenant's budget; each of its keys gets an UPDATED event."""
+        who = require_identity(context, self._admins, "set tenant budgets")
+        with _store_errors(context, "SetTenantBudget"):
+            info = self._store.set_tenant_budget(request.tenant, request.budget.usd, request.budget.period)
+        self._hub.poke()
+        budget = {"budget_usd": info.budget_usd, "budget_period": info.budget_period}
+        log.info("tenant budget set", extra={"tenant": info.tenant, **budget, "by": who})
+        return auth_pb2.SetTenantBudgetResponse(tenant=_tenant_pb(info))
+
+    def GetTenant(self, request: auth_pb2.GetTenantRequest, context: Ctx) -> auth_pb2.GetTenantResponse:
+        """A tenant's policy (no budget if it never had one)."""
+        require_identity(context, self._admins, "read tenants")
+        with _store_errors(context, "GetTenant"):
+            info = self._store.get_tenant(request.tenant)
+        return auth_pb2.GetTenantResponse(tenant=_tenant_pb(info))
 
     def WatchKeyEvents(
         self, request: auth_pb2.WatchKeyEventsRequest, context: Ctx

@@ -1,8 +1,10 @@
 """The API-key store: SQLAlchemy 2 Core, one code path for SQLite and PostgreSQL.
 
 ``api_keys`` holds one row per key: never the key, only its peppered hash (unique) and
-display prefix, with the tenant, allowed models and limits. ``key_events`` is an append-
-only log of revocations and updates, written in the same transaction as the change; the
+display prefix, with the tenant, allowed models, limits and budget. ``tenants`` holds the
+policy of tenants that have one (a budget); a tenant without a row has none. ``key_events``
+is an append-only log of revocations and updates, written in the same transaction as the
+change (a tenant's budget change logs an update of each of its keys); the
 auth-service replicas poll it (:class:`~tail_service.authsvc.events.EventCursor`) to push
 cache invalidations to the Tail Services, so a change made through any replica reaches
 every watcher. The records the store returns and the checks on its arguments are in
@@ -31,7 +33,9 @@ from tail_service.authsvc.records import (
     KeyEvent,
     KeyInfo,
     KeyNotFound,
+    TenantInfo,
     VerifiedKey,
+    clean_budget,
     clean_expires,
     clean_limit,
     clean_models,
@@ -42,11 +46,15 @@ from tail_service.db import Migration, migrate
 SERVICE = "auth"
 
 
-def _tables(metadata: sa.MetaData, *, version: int = 3) -> tuple[sa.Table, sa.Table]:
-    """The schema as of ``version`` (1: as first shipped; 2: adds ``response_cache``; 3 adds
-    ``mcp_servers``)."""
+def _tables(metadata: sa.MetaData, *, version: int = 4) -> tuple[sa.Table, sa.Table]:
+    """``api_keys`` and ``key_events`` as of ``version`` (1: as first shipped; 2 adds
+    ``response_cache``; 3 adds ``mcp_servers``; 4 adds the budget, and :func:`_tenants`)."""
     extra = [sa.Column("response_cache", sa.Boolean, nullable=False, server_default=sa.false())]
     extra3 = [sa.Column("mcp_servers", sa.Text, nullable=False, server_default="[]")]
+    extra4 = [
+        sa.Column("budget_usd", sa.Double, nullable=False, server_default="0"),
+        sa.Column("budget_period", sa.String(8), nullable=False, server_default="none"),
+    ]
     api_keys = sa.Table(
         "api_keys",
         metadata,
@@ -65,6 +73,7 @@ def _tables(metadata: sa.MetaData, *, version: int = 3) -> tuple[sa.Table, sa.Ta
         sa.Column("updated_at", sa.BigInteger, nullable=False),
         *(extra if version >= 2 else []),
         *(extra3 if version >= 3 else []),
+        *(extra4 if version >= 4 else []),
         sa.Index("ix_api_keys_key_hash", "key_hash", unique=True),
         sa.Index("ix_api_keys_tenant", "tenant"),
     )
@@ -82,7 +91,21 @@ def _tables(metadata: sa.MetaData, *, version: int = 3) -> tuple[sa.Table, sa.Ta
     return api_keys, key_events
 
 
-API_KEYS, KEY_EVENTS = _tables(sa.MetaData())
+def _tenants(metadata: sa.MetaData) -> sa.Table:
+    """``tenants`` (schema version 4): one row per tenant whose budget was ever set."""
+    return sa.Table(
+        "tenants",
+        metadata,
+        sa.Column("tenant", sa.String(MAX_TEXT), primary_key=True),
+        sa.Column("budget_usd", sa.Double, nullable=False),
+        sa.Column("budget_period", sa.String(8), nullable=False),
+        sa.Column("updated_at", sa.BigInteger, nullable=False),
+    )
+
+
+_METADATA = sa.MetaData()
+API_KEYS, KEY_EVENTS = _tables(_METADATA)
+TENANTS = _tenants(_METADATA)
 
 
 def _v1(conn: Connection) -> None:
@@ -99,12 +122,19 @@ def _v3(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN mcp_servers TEXT NOT NULL DEFAULT '[]'"))
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3)
+def _v4(conn: Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN budget_usd DOUBLE PRECISION NOT NULL DEFAULT 0"))
+    conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN budget_period VARCHAR(8) NOT NULL DEFAULT 'none'"))
+    _tenants(sa.MetaData()).create(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3, _v4)
 
 
 def _info(row: sa.Row[Any]) -> KeyInfo:
     m = dict(row._mapping)
-    m.pop("key_hash", None)
+    for extra in ("key_hash", "tenant_budget_usd", "tenant_budget_period"):
+        m.pop(extra, None)
     return KeyInfo(
         **m
         | {
@@ -112,12 +142,19 @@ def _info(row: sa.Row[Any]) -> KeyInfo:
             "revoked": bool(m["revoked"]),
             "response_cache": bool(m["response_cache"]),
             "mcp_servers": tuple(json.loads(m["mcp_servers"])),
+            "budget_usd": float(m["budget_usd"]),
         }
     )
 
 
 _INFO_COLUMNS = [c for c in API_KEYS.c if c.name != "key_hash"]
 _DUMMY_HASH = "0" * 64
+#: a key's row with its tenant's budget (NULL without a ``tenants`` row): one indexed lookup
+_WITH_TENANT = sa.select(
+    API_KEYS,
+    TENANTS.c.budget_usd.label("tenant_budget_usd"),
+    TENANTS.c.budget_period.label("tenant_budget_period"),
+).select_from(API_KEYS.outerjoin(TENANTS, TENANTS.c.tenant == API_KEYS.c.tenant))
 
 
 class KeyStore:
@@ -159,16 +196,20 @@ class KeyStore:
         expires_at: int = 0,
         response_cache: bool = False,
         mcp_servers: Sequence[str] = (),
+        budget_usd: float = 0.0,
+        budget_period: str = "",
     ) -> tuple[KeyInfo, str]:
         """Create a key; returns its info and the plaintext, which exists nowhere else afterwards.
 
         Raises :class:`InvalidKeyArgument` for an empty tenant, over-long text, negative
-        limits or an ``expires_at`` that is not in the future.
+        limits, an ``expires_at`` that is not in the future or a bad budget (see
+        :func:`~.records.clean_budget`: a budget without a period is per month).
         """
         now = self._now()
         expires = clean_expires(expires_at)
         if expires and expires <= now:
             raise InvalidKeyArgument("expires_at is in the past")
+        usd, period = clean_budget(budget_usd, budget_period)
         api_key = generate_key()
         values = {
             "id": "key_" + secrets.token_hex(12),
@@ -184,6 +225,8 @@ class KeyStore:
             "revoked": False,
             "response_cache": bool(response_cache),
             "mcp_servers": json.dumps(list(clean_models(mcp_servers, "mcp_servers"))),
+            "budget_usd": usd,
+            "budget_period": period,
             "created_at": now,
             "updated_at": now,
         }
@@ -252,11 +295,17 @@ class KeyStore:
         allowed_models: Sequence[str] | None = None,
         response_cache: bool | None = None,
         mcp_servers: Sequence[str] | None = None,
+        budget_usd: float | None = None,
+        budget_period: str | None = None,
     ) -> KeyInfo:
         """Change the given fields (``None``: keep) and record an ``updated`` event.
 
         ``expires_at`` may lie in the past (that expires the key now). A call that sets
         nothing changes nothing. :class:`KeyNotFound` for an unknown id.
+
+        ``budget_usd`` 0 removes the key's budget. A new amount without a period keeps the
+        current period (``month`` if the key had no budget); a period alone changes the
+        period of the current budget, and is :class:`InvalidKeyArgument` without one.
         """
         values: dict[str, Any] = {}
         if name is not None:
@@ -272,9 +321,16 @@ class KeyStore:
             values["response_cache"] = bool(response_cache)
         if mcp_servers is not None:
             values["mcp_servers"] = json.dumps(list(clean_models(mcp_servers, "mcp_servers")))
-        if not values:
+        if budget_usd is not None:
+            clean_budget(budget_usd, budget_period)  # a bad value fails before any I/O
+        elif budget_period is not None:
+            clean_budget(1.0, budget_period)
+        budget = budget_usd is not None or budget_period is not None
+        if not values and not budget:
             return self.get(key_id)
         with self._engine.begin() as conn:
+            if budget:
+                values |= self._budget_update(conn, key_id, budget_usd, budget_period)
             now = self._now()
             changed = conn.execute(
                 sa.update(API_KEYS).where(API_KEYS.c.id == key_id).values(**values, updated_at=now)
@@ -284,6 +340,66 @@ class KeyStore:
             conn.execute(sa.insert(KEY_EVENTS).values(key_id=key_id, kind="updated", created_at=now))
             row = conn.execute(sa.select(*_INFO_COLUMNS).where(API_KEYS.c.id == key_id)).one()
         return _info(row)
+
+    @staticmethod
+    def _budget_update(
+        conn: Connection, key_id: str, usd: float | None, period: str | None
+    ) -> dict[str, Any]:
+        """The budget columns of an update, resolved against the key's current budget."""
+        row = conn.execute(
+            sa.select(API_KEYS.c.budget_usd, API_KEYS.c.budget_period).where(API_KEYS.c.id == key_id)
+        ).first()
+        if row is None:
+            raise KeyNotFound("no such key")
+        has_budget = row.budget_usd > 0
+        if usd is None:
+            if not has_budget:
+                raise InvalidKeyArgument("budget_period needs a budget: set budget_usd above 0 too")
+            usd = float(row.budget_usd)
+        current = row.budget_period if has_budget else None
+        new_usd, new_period = clean_budget(usd, period, current_period=current)
+        return {"budget_usd": new_usd, "budget_period": new_period}
+
+    def get_tenant(self, tenant: str) -> TenantInfo:
+        """The policy of ``tenant``; without a ``tenants`` row, no budget (``updated_at`` 0)."""
+        name = clean_text("tenant", tenant, required=True)
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(TENANTS).where(TENANTS.c.tenant == name)).first()
+        return _tenant_info(name, row)
+
+    def set_tenant_budget(self, tenant: str, budget_usd: float, budget_period: str = "") -> TenantInfo:
+        """Set (``budget_usd`` > 0) or remove (0) the budget of ``tenant``, for all its keys together.
+
+        A period left empty is ``month`` (see :func:`~.records.clean_budget`). A change
+        records an ``updated`` event for each of the tenant's keys that is not revoked, in
+        the same transaction, so every gateway drops its cached verdicts of those keys;
+        setting the budget it already has changes and records nothing.
+        """
+        name = clean_text("tenant", tenant, required=True)
+        usd, period = clean_budget(budget_usd, budget_period)
+        try:
+            return self._set_tenant_budget(name, usd, period)
+        except sa.exc.IntegrityError:  # another replica made the tenant's row first: update it
+            return self._set_tenant_budget(name, usd, period)
+
+    def _set_tenant_budget(self, name: str, usd: float, period: str) -> TenantInfo:
+        now = self._now()
+        with self._engine.begin() as conn:
+            old = conn.execute(sa.select(TENANTS).where(TENANTS.c.tenant == name)).first()
+            if old is not None and (old.budget_usd, old.budget_period) == (usd, period):
+                return _tenant_info(name, old)
+            values = {"budget_usd": usd, "budget_period": period, "updated_at": now}
+            if old is None:
+                conn.execute(sa.insert(TENANTS).values(tenant=name, **values))
+            else:
+                conn.execute(sa.update(TENANTS).where(TENANTS.c.tenant == name).values(**values))
+            key_ids = conn.execute(
+                sa.select(API_KEYS.c.id).where(API_KEYS.c.tenant == name, API_KEYS.c.revoked.is_(False))
+            ).scalars()
+            events = [{"key_id": k, "kind": "updated", "created_at": now} for k in key_ids]
+            if events:
+                conn.execute(sa.insert(KEY_EVENTS), events)
+        return TenantInfo(name, usd, period, now)
 
     def verify(self, api_key: str, now: float | None = None) -> VerifiedKey | None:
         """The principal of a valid key, else ``None``.
@@ -296,14 +412,14 @@ class KeyStore:
             return None
         presented = self._pepper.hash_key(api_key)
         with self._engine.connect() as conn:
-            row = conn.execute(sa.select(API_KEYS).where(API_KEYS.c.key_hash == presented)).first()
+            row = conn.execute(_WITH_TENANT.where(API_KEYS.c.key_hash == presented)).first()
         at = self._now() if now is None else int(now)
         info = _info(row) if row is not None else None
         stored = row.key_hash if row is not None else _DUMMY_HASH
         matches = hmac.compare_digest(stored.encode("ascii"), presented.encode("ascii"))
-        if info is None or not matches or info.revoked or 0 < info.expires_at <= at:
+        if row is None or info is None or not matches or info.revoked or 0 < info.expires_at <= at:
             return None
-        return _verified(info)
+        return _verified(info, row)
 
     def principals(self, key_ids: Iterable[str], now: float | None = None) -> list[VerifiedKey]:
         """The current principals of the keys ``key_ids`` that are still valid (not revoked,
@@ -313,12 +429,12 @@ class KeyStore:
             return []
         at = self._now() if now is None else int(now)
         with self._engine.connect() as conn:
-            rows = conn.execute(sa.select(API_KEYS).where(API_KEYS.c.id.in_(ids))).all()
+            rows = conn.execute(_WITH_TENANT.where(API_KEYS.c.id.in_(ids))).all()
         out = []
         for row in rows:
             info = _info(row)
             if not info.revoked and not 0 < info.expires_at <= at:
-                out.append(_verified(info))
+                out.append(_verified(info, row))
         return out
 
     def max_event_id(self) -> int:
@@ -338,7 +454,27 @@ class KeyStore:
         return [KeyEvent(int(r.id), r.key_id, r.kind, int(r.created_at)) for r in rows]
 
 
-def _verified(info: KeyInfo) -> VerifiedKey:
-    """The principal a valid key's record gives."""
-    same = {f.name: getattr(info, f.name) for f in fields(VerifiedKey) if f.name != "key_id"}
-    return VerifiedKey(key_id=info.id, **same)
+def _verified(info: KeyInfo, row: sa.Row[Any]) -> VerifiedKey:
+    """The principal a valid key's record gives; ``row`` (from ``_WITH_TENANT``) has the
+    tenant's budget, NULL if the tenant has none."""
+    tenant = {"tenant_budget_usd", "tenant_budget_period"}
+    same = {f.name: getattr(info, f.name) for f in fields(VerifiedKey) if f.name not in tenant | {"key_id"}}
+    if row.tenant_budget_usd is None:
+        return VerifiedKey(key_id=info.id, **same)
+    return VerifiedKey(
+        key_id=info.id,
+        **same,
+        tenant_budget_usd=float(row.tenant_budget_usd),
+        tenant_budget_period=row.tenant_budget_period,
+    )
+
+
+def _tenant_info(name: str, row: sa.Row[Any] | None) -> TenantInfo:
+    if row is None:
+        return TenantInfo(tenant=name)
+    return TenantInfo(
+        tenant=name,
+        budget_usd=float(row.budget_usd),
+        budget_period=row.budget_period,
+        updated_at=int(row.updated_at),
+    )

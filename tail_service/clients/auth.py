@@ -70,6 +70,10 @@ def _unavailable() -> ServiceUnavailableError:
 
 
 def principal_from_proto(p: auth_pb2.Principal) -> Principal:
+    """The core :class:`Principal` of a ``VerifyKey``/``GetPrincipals`` answer.
+
+    A missing ``Budget`` (an older auth-service) reads as 0 USD, period ``none``: no budget.
+    """
     return Principal(
         key_id=p.key_id,
         tenant=p.tenant,
@@ -81,6 +85,10 @@ def principal_from_proto(p: auth_pb2.Principal) -> Principal:
         expires_at=p.expires_at,
         response_cache=p.response_cache,
         mcp_servers=frozenset(p.mcp_servers),
+        budget_usd=p.budget.usd,
+        budget_period=p.budget.period or "none",
+        tenant_budget_usd=p.tenant_budget.usd,
+        tenant_budget_period=p.tenant_budget.period or "none",
     )
 
 

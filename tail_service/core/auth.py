@@ -38,6 +38,7 @@ def check_model_access(principal: Principal, model: str) -> None:
 
 
 def principal_to_json(principal: Principal) -> str:
+    """``principal`` as JSON (batches and agent runs keep the principal that created them)."""
     data = asdict(principal)
     data["allowed_models"] = sorted(principal.allowed_models)
     data["mcp_servers"] = sorted(principal.mcp_servers)
@@ -45,7 +46,12 @@ def principal_to_json(principal: Principal) -> str:
 
 
 def principal_from_json(raw: str) -> Principal:
+    """The principal :func:`principal_to_json` wrote; fields added since (budgets) take their
+    defaults when the JSON is older than they are."""
     data = json.loads(raw)
     data["allowed_models"] = frozenset(data.get("allowed_models") or ())
     data["mcp_servers"] = frozenset(data.get("mcp_servers") or ())
+    for field in ("budget_usd", "tenant_budget_usd"):
+        if field in data:
+            data[field] = float(data[field])
     return Principal(**data)

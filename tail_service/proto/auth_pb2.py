@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nauth.proto\x12\x0ctail.auth.v1\";\n\x06Limits\x12\x0b\n\x03rpm\x18\x01 \x01(\x03\x12\x0b\n\x03tpm\x18\x02 \x01(\x03\x12\x17\n\x0fmax_concurrency\x18\x03 \x01(\x03\"\xb8\x01\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.tail.auth.v1.Limits\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x16\n\x0eresponse_cache\x18\x07 \x01(\x08\x12\x13\n\x0bmcp_servers\x18\x08 \x03(\t\"\xfb\x01\n\x07KeyInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.tail.auth.v1.Limits\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\x12\x0e\n\x06prefix\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x03\x12\x12\n\nupdated_at\x18\n \x01(\x03\x12\x16\n\x0eresponse_cache\x18\x0b \x01(\x08\x12\x13\n\x0bmcp_servers\x18\x0c \x03(\t\"#\n\x10VerifyKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"?\n\x11VerifyKeyResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.tail.auth.v1.Principal\"\xaf\x01\n\x10\x43reateKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.tail.auth.v1.Limits\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x16\n\x0eresponse_cache\x18\x06 \x01(\x08\x12\x13\n\x0bmcp_servers\x18\x07 \x03(\t\"H\n\x11\x43reateKeyResponse\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.tail.auth.v1.KeyInfo\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\":\n\x0fListKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x02 \x01(\x08\"7\n\x10ListKeysResponse\x12#\n\x04keys\x18\x01 \x03(\x0b\x32\x15.tail.auth.v1.KeyInfo\"=\n\x10RevokeKeyRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12\x11\n\x07\x61pi_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06target\"7\n\x11RevokeKeyResponse\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.tail.auth.v1.KeyInfo\"\xda\x02\n\x10UpdateKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x03rpm\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x03tpm\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x1c\n\x0fmax_concurrency\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x11\n\x04name\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x17\n\nexpires_at\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x1a\n\x12set_allowed_models\x18\x07 \x01(\x08\x12\x16\n\x0e\x61llowed_models\x18\x08 \x03(\t\x12\x1b\n\x0eresponse_cache\x18\t \x01(\x08H\x05\x88\x01\x01\x12\x17\n\x0fset_mcp_servers\x18\n \x01(\x08\x12\x13\n\x0bmcp_servers\x18\x0b \x03(\tB\x06\n\x04_rpmB\x06\n\x04_tpmB\x12\n\x10_max_concurrencyB\x07\n\x05_nameB\r\n\x0b_expires_atB\x11\n\x0f_response_cache\"7\n\x11UpdateKeyResponse\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.tail.auth.v1.KeyInfo\"\'\n\x14GetPrincipalsRequest\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\"D\n\x15GetPrincipalsResponse\x12+\n\nprincipals\x18\x01 \x03(\x0b\x32\x17.tail.auth.v1.Principal\"\x17\n\x15WatchKeyEventsRequest\"\x9a\x01\n\x08KeyEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.tail.auth.v1.KeyEvent.Kind\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07REVOKED\x10\x01\x12\x0b\n\x07UPDATED\x10\x02\x12\t\n\x05HELLO\x10\x03\x32\xbb\x04\n\x0b\x41uthService\x12L\n\tVerifyKey\x12\x1e.tail.auth.v1.VerifyKeyRequest\x1a\x1f.tail.auth.v1.VerifyKeyResponse\x12X\n\rGetPrincipals\x12\".tail.auth.v1.GetPrincipalsRequest\x1a#.tail.auth.v1.GetPrincipalsResponse\x12L\n\tCreateKey\x12\x1e.tail.auth.v1.CreateKeyRequest\x1a\x1f.tail.auth.v1.CreateKeyResponse\x12I\n\x08ListKeys\x12\x1d.tail.auth.v1.ListKeysRequest\x1a\x1e.tail.auth.v1.ListKeysResponse\x12L\n\tRevokeKey\x12\x1e.tail.auth.v1.RevokeKeyRequest\x1a\x1f.tail.auth.v1.RevokeKeyResponse\x12L\n\tUpdateKey\x12\x1e.tail.auth.v1.UpdateKeyRequest\x1a\x1f.tail.auth.v1.UpdateKeyResponse\x12O\n\x0eWatchKeyEvents\x12#.tail.auth.v1.WatchKeyEventsRequest\x1a\x16.tail.auth.v1.KeyEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nauth.proto\x12\x0ctail.auth.v1\";\n\x06Limits\x12\x0b\n\x03rpm\x18\x01 \x01(\x03\x12\x0b\n\x03tpm\x18\x02 \x01(\x03\x12\x17\n\x0fmax_concurrency\x18\x03 \x01(\x03\"%\n\x06\x42udget\x12\x0b\n\x03usd\x18\x01 \x01(\x01\x12\x0e\n\x06period\x18\x02 \x01(\t\"\x8b\x02\n\tPrincipal\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.tail.auth.v1.Limits\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x16\n\x0eresponse_cache\x18\x07 \x01(\x08\x12\x13\n\x0bmcp_servers\x18\x08 \x03(\t\x12$\n\x06\x62udget\x18\t \x01(\x0b\x32\x14.tail.auth.v1.Budget\x12+\n\rtenant_budget\x18\n \x01(\x0b\x32\x14.tail.auth.v1.Budget\"\xa1\x02\n\x07KeyInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x04 \x03(\t\x12$\n\x06limits\x18\x05 \x01(\x0b\x32\x14.tail.auth.v1.Limits\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\x12\x0e\n\x06prefix\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x03\x12\x12\n\nupdated_at\x18\n \x01(\x03\x12\x16\n\x0eresponse_cache\x18\x0b \x01(\x08\x12\x13\n\x0bmcp_servers\x18\x0c \x03(\t\x12$\n\x06\x62udget\x18\r \x01(\x0b\x32\x14.tail.auth.v1.Budget\"#\n\x10VerifyKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"?\n\x11VerifyKeyResponse\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.tail.auth.v1.Principal\"\xd5\x01\n\x10\x43reateKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x16\n\x0e\x61llowed_models\x18\x03 \x03(\t\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.tail.auth.v1.Limits\x12\x12\n\nexpires_at\x18\x05 \x01(\x03\x12\x16\n\x0eresponse_cache\x18\x06 \x01(\x08\x12\x13\n\x0bmcp_servers\x18\x07 \x03(\t\x12$\n\x06\x62udget\x18\x08 \x01(\x0b\x32\x14.tail.auth.v1.Budget\"H\n\x11\x43reateKeyResponse\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.tail.auth.v1.KeyInfo\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\":\n\x0fListKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x02 \x01(\x08\"7\n\x10ListKeysResponse\x12#\n\x04keys\x18\x01 \x03(\x0b\x32\x15.tail.auth.v1.KeyInfo\"=\n\x10RevokeKeyRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12\x11\n\x07\x61pi_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06target\"7\n\x11RevokeKeyResponse\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.tail.auth.v1.KeyInfo\"\xb0\x03\n\x10UpdateKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x03rpm\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x03tpm\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12\x1c\n\x0fmax_concurrency\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x11\n\x04name\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x17\n\nexpires_at\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x1a\n\x12set_allowed_models\x18\x07 \x01(\x08\x12\x16\n\x0e\x61llowed_models\x18\x08 \x03(\t\x12\x1b\n\x0eresponse_cache\x18\t \x01(\x08H\x05\x88\x01\x01\x12\x17\n\x0fset_mcp_servers\x18\n \x01(\x08\x12\x13\n\x0bmcp_servers\x18\x0b \x03(\t\x12\x17\n\nbudget_usd\x18\x0c \x01(\x01H\x06\x88\x01\x01\x12\x1a\n\rbudget_period\x18\r \x01(\tH\x07\x88\x01\x01\x42\x06\n\x04_rpmB\x06\n\x04_tpmB\x12\n\x10_max_concurrencyB\x07\n\x05_nameB\r\n\x0b_expires_atB\x11\n\x0f_response_cacheB\r\n\x0b_budget_usdB\x10\n\x0e_budget_period\"7\n\x11UpdateKeyResponse\x12\"\n\x03key\x18\x01 \x01(\x0b\x32\x15.tail.auth.v1.KeyInfo\"\'\n\x14GetPrincipalsRequest\x12\x0f\n\x07key_ids\x18\x01 \x03(\t\"D\n\x15GetPrincipalsResponse\x12+\n\nprincipals\x18\x01 \x03(\x0b\x32\x17.tail.auth.v1.Principal\"\x17\n\x15WatchKeyEventsRequest\"\x9a\x01\n\x08KeyEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.tail.auth.v1.KeyEvent.Kind\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07REVOKED\x10\x01\x12\x0b\n\x07UPDATED\x10\x02\x12\t\n\x05HELLO\x10\x03\"V\n\nTenantInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12$\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x14.tail.auth.v1.Budget\x12\x12\n\nupdated_at\x18\x03 \x01(\x03\"N\n\x16SetTenantBudgetRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12$\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x14.tail.auth.v1.Budget\"C\n\x17SetTenantBudgetResponse\x12(\n\x06tenant\x18\x01 \x01(\x0b\x32\x18.tail.auth.v1.TenantInfo\"\"\n\x10GetTenantRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"=\n\x11GetTenantResponse\x12(\n\x06tenant\x18\x01 \x01(\x0b\x32\x18.tail.auth.v1.TenantInfo2\xe9\x05\n\x0b\x41uthService\x12L\n\tVerifyKey\x12\x1e.tail.auth.v1.VerifyKeyRequest\x1a\x1f.tail.auth.v1.VerifyKeyResponse\x12X\n\rGetPrincipals\x12\".tail.auth.v1.GetPrincipalsRequest\x1a#.tail.auth.v1.GetPrincipalsResponse\x12L\n\tCreateKey\x12\x1e.tail.auth.v1.CreateKeyRequest\x1a\x1f.tail.auth.v1.CreateKeyResponse\x12I\n\x08ListKeys\x12\x1d.tail.auth.v1.ListKeysRequest\x1a\x1e.tail.auth.v1.ListKeysResponse\x12L\n\tRevokeKey\x12\x1e.tail.auth.v1.RevokeKeyRequest\x1a\x1f.tail.auth.v1.RevokeKeyResponse\x12L\n\tUpdateKey\x12\x1e.tail.auth.v1.UpdateKeyRequest\x1a\x1f.tail.auth.v1.UpdateKeyResponse\x12^\n\x0fSetTenantBudget\x12$.tail.auth.v1.SetTenantBudgetRequest\x1a%.tail.auth.v1.SetTenantBudgetResponse\x12L\n\tGetTenant\x12\x1e.tail.auth.v1.GetTenantRequest\x1a\x1f.tail.auth.v1.GetTenantResponse\x12O\n\x0eWatchKeyEvents\x12#.tail.auth.v1.WatchKeyEventsRequest\x1a\x16.tail.auth.v1.KeyEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,40 +33,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LIMITS']._serialized_start=28
   _globals['_LIMITS']._serialized_end=87
-  _globals['_PRINCIPAL']._serialized_start=90
-  _globals['_PRINCIPAL']._serialized_end=274
-  _globals['_KEYINFO']._serialized_start=277
-  _globals['_KEYINFO']._serialized_end=528
-  _globals['_VERIFYKEYREQUEST']._serialized_start=530
-  _globals['_VERIFYKEYREQUEST']._serialized_end=565
-  _globals['_VERIFYKEYRESPONSE']._serialized_start=567
-  _globals['_VERIFYKEYRESPONSE']._serialized_end=630
-  _globals['_CREATEKEYREQUEST']._serialized_start=633
-  _globals['_CREATEKEYREQUEST']._serialized_end=808
-  _globals['_CREATEKEYRESPONSE']._serialized_start=810
-  _globals['_CREATEKEYRESPONSE']._serialized_end=882
-  _globals['_LISTKEYSREQUEST']._serialized_start=884
-  _globals['_LISTKEYSREQUEST']._serialized_end=942
-  _globals['_LISTKEYSRESPONSE']._serialized_start=944
-  _globals['_LISTKEYSRESPONSE']._serialized_end=999
-  _globals['_REVOKEKEYREQUEST']._serialized_start=1001
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1062
-  _globals['_REVOKEKEYRESPONSE']._serialized_start=1064
-  _globals['_REVOKEKEYRESPONSE']._serialized_end=1119
-  _globals['_UPDATEKEYREQUEST']._serialized_start=1122
-  _globals['_UPDATEKEYREQUEST']._serialized_end=1468
-  _globals['_UPDATEKEYRESPONSE']._serialized_start=1470
-  _globals['_UPDATEKEYRESPONSE']._serialized_end=1525
-  _globals['_GETPRINCIPALSREQUEST']._serialized_start=1527
-  _globals['_GETPRINCIPALSREQUEST']._serialized_end=1566
-  _globals['_GETPRINCIPALSRESPONSE']._serialized_start=1568
-  _globals['_GETPRINCIPALSRESPONSE']._serialized_end=1636
-  _globals['_WATCHKEYEVENTSREQUEST']._serialized_start=1638
-  _globals['_WATCHKEYEVENTSREQUEST']._serialized_end=1661
-  _globals['_KEYEVENT']._serialized_start=1664
-  _globals['_KEYEVENT']._serialized_end=1818
-  _globals['_KEYEVENT_KIND']._serialized_start=1753
-  _globals['_KEYEVENT_KIND']._serialized_end=1818
-  _globals['_AUTHSERVICE']._serialized_start=1821
-  _globals['_AUTHSERVICE']._serialized_end=2392
+  _globals['_BUDGET']._serialized_start=89
+  _globals['_BUDGET']._serialized_end=126
+  _globals['_PRINCIPAL']._serialized_start=129
+  _globals['_PRINCIPAL']._serialized_end=396
+  _globals['_KEYINFO']._serialized_start=399
+  _globals['_KEYINFO']._serialized_end=688
+  _globals['_VERIFYKEYREQUEST']._serialized_start=690
+  _globals['_VERIFYKEYREQUEST']._serialized_end=725
+  _globals['_VERIFYKEYRESPONSE']._serialized_start=727
+  _globals['_VERIFYKEYRESPONSE']._serialized_end=790
+  _globals['_CREATEKEYREQUEST']._serialized_start=793
+  _globals['_CREATEKEYREQUEST']._serialized_end=1006
+  _globals['_CREATEKEYRESPONSE']._serialized_start=1008
+  _globals['_CREATEKEYRESPONSE']._serialized_end=1080
+  _globals['_LISTKEYSREQUEST']._serialized_start=1082
+  _globals['_LISTKEYSREQUEST']._serialized_end=1140
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1142
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1197
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1199
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1260
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=1262
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=1317
+  _globals['_UPDATEKEYREQUEST']._serialized_start=1320
+  _globals['_UPDATEKEYREQUEST']._serialized_end=1752
+  _globals['_UPDATEKEYRESPONSE']._serialized_start=1754
+  _globals['_UPDATEKEYRESPONSE']._serialized_end=1809
+  _globals['_GETPRINCIPALSREQUEST']._serialized_start=1811
+  _globals['_GETPRINCIPALSREQUEST']._serialized_end=1850
+  _globals['_GETPRINCIPALSRESPONSE']._serialized_start=1852
+  _globals['_GETPRINCIPALSRESPONSE']._serialized_end=1920
+  _globals['_WATCHKEYEVENTSREQUEST']._serialized_start=1922
+  _globals['_WATCHKEYEVENTSREQUEST']._serialized_end=1945
+  _globals['_KEYEVENT']._serialized_start=1948
+  _globals['_KEYEVENT']._serialized_end=2102
+  _globals['_KEYEVENT_KIND']._serialized_start=2037
+  _globals['_KEYEVENT_KIND']._serialized_end=2102
+  _globals['_TENANTINFO']._serialized_start=2104
+  _globals['_TENANTINFO']._serialized_end=2190
+  _globals['_SETTENANTBUDGETREQUEST']._serialized_start=2192
+  _globals['_SETTENANTBUDGETREQUEST']._serialized_end=2270
+  _globals['_SETTENANTBUDGETRESPONSE']._serialized_start=2272
+  _globals['_SETTENANTBUDGETRESPONSE']._serialized_end=2339
+  _globals['_GETTENANTREQUEST']._serialized_start=2341
+  _globals['_GETTENANTREQUEST']._serialized_end=2375
+  _globals['_GETTENANTRESPONSE']._serialized_start=2377
+  _globals['_GETTENANTRESPONSE']._serialized_end=2438
+  _globals['_AUTHSERVICE']._serialized_start=2441
+  _globals['_AUTHSERVICE']._serialized_end=3186
 # @@protoc_insertion_point(module_scope)

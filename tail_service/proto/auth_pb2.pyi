@@ -17,8 +17,16 @@ class Limits(_message.Message):
     max_concurrency: int
     def __init__(self, rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrency: _Optional[int] = ...) -> None: ...
 
+class Budget(_message.Message):
+    __slots__ = ("usd", "period")
+    USD_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    usd: float
+    period: str
+    def __init__(self, usd: _Optional[float] = ..., period: _Optional[str] = ...) -> None: ...
+
 class Principal(_message.Message):
-    __slots__ = ("key_id", "tenant", "name", "allowed_models", "limits", "expires_at", "response_cache", "mcp_servers")
+    __slots__ = ("key_id", "tenant", "name", "allowed_models", "limits", "expires_at", "response_cache", "mcp_servers", "budget", "tenant_budget")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +35,8 @@ class Principal(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
     MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    TENANT_BUDGET_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     tenant: str
     name: str
@@ -35,10 +45,12 @@ class Principal(_message.Message):
     expires_at: int
     response_cache: bool
     mcp_servers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., name: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
+    budget: Budget
+    tenant_budget: Budget
+    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., name: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., tenant_budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
-    __slots__ = ("id", "name", "tenant", "allowed_models", "limits", "expires_at", "revoked", "prefix", "created_at", "updated_at", "response_cache", "mcp_servers")
+    __slots__ = ("id", "name", "tenant", "allowed_models", "limits", "expires_at", "revoked", "prefix", "created_at", "updated_at", "response_cache", "mcp_servers", "budget")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +63,7 @@ class KeyInfo(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
     MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     tenant: str
@@ -63,7 +76,8 @@ class KeyInfo(_message.Message):
     updated_at: int
     response_cache: bool
     mcp_servers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., revoked: _Optional[bool] = ..., prefix: _Optional[str] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
+    budget: Budget
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., revoked: _Optional[bool] = ..., prefix: _Optional[str] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class VerifyKeyRequest(_message.Message):
     __slots__ = ("api_key",)
@@ -78,7 +92,7 @@ class VerifyKeyResponse(_message.Message):
     def __init__(self, principal: _Optional[_Union[Principal, _Mapping]] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("name", "tenant", "allowed_models", "limits", "expires_at", "response_cache", "mcp_servers")
+    __slots__ = ("name", "tenant", "allowed_models", "limits", "expires_at", "response_cache", "mcp_servers", "budget")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +100,7 @@ class CreateKeyRequest(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
     MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     tenant: str
     allowed_models: _containers.RepeatedScalarFieldContainer[str]
@@ -93,7 +108,8 @@ class CreateKeyRequest(_message.Message):
     expires_at: int
     response_cache: bool
     mcp_servers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
+    budget: Budget
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("key", "api_key")
@@ -132,7 +148,7 @@ class RevokeKeyResponse(_message.Message):
     def __init__(self, key: _Optional[_Union[KeyInfo, _Mapping]] = ...) -> None: ...
 
 class UpdateKeyRequest(_message.Message):
-    __slots__ = ("id", "rpm", "tpm", "max_concurrency", "name", "expires_at", "set_allowed_models", "allowed_models", "response_cache", "set_mcp_servers", "mcp_servers")
+    __slots__ = ("id", "rpm", "tpm", "max_concurrency", "name", "expires_at", "set_allowed_models", "allowed_models", "response_cache", "set_mcp_servers", "mcp_servers", "budget_usd", "budget_period")
     ID_FIELD_NUMBER: _ClassVar[int]
     RPM_FIELD_NUMBER: _ClassVar[int]
     TPM_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +160,8 @@ class UpdateKeyRequest(_message.Message):
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
     SET_MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_PERIOD_FIELD_NUMBER: _ClassVar[int]
     id: str
     rpm: int
     tpm: int
@@ -155,7 +173,9 @@ class UpdateKeyRequest(_message.Message):
     response_cache: bool
     set_mcp_servers: bool
     mcp_servers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., name: _Optional[str] = ..., expires_at: _Optional[int] = ..., set_allowed_models: _Optional[bool] = ..., allowed_models: _Optional[_Iterable[str]] = ..., response_cache: _Optional[bool] = ..., set_mcp_servers: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
+    budget_usd: float
+    budget_period: str
+    def __init__(self, id: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., name: _Optional[str] = ..., expires_at: _Optional[int] = ..., set_allowed_models: _Optional[bool] = ..., allowed_models: _Optional[_Iterable[str]] = ..., response_cache: _Optional[bool] = ..., set_mcp_servers: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., budget_usd: _Optional[float] = ..., budget_period: _Optional[str] = ...) -> None: ...
 
 class UpdateKeyResponse(_message.Message):
     __slots__ = ("key",)
@@ -198,3 +218,39 @@ class KeyEvent(_message.Message):
     key_id: str
     kind: KeyEvent.Kind
     def __init__(self, event_id: _Optional[int] = ..., key_id: _Optional[str] = ..., kind: _Optional[_Union[KeyEvent.Kind, str]] = ...) -> None: ...
+
+class TenantInfo(_message.Message):
+    __slots__ = ("tenant", "budget", "updated_at")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    budget: Budget
+    updated_at: int
+    def __init__(self, tenant: _Optional[str] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., updated_at: _Optional[int] = ...) -> None: ...
+
+class SetTenantBudgetRequest(_message.Message):
+    __slots__ = ("tenant", "budget")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    budget: Budget
+    def __init__(self, tenant: _Optional[str] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+
+class SetTenantBudgetResponse(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: TenantInfo
+    def __init__(self, tenant: _Optional[_Union[TenantInfo, _Mapping]] = ...) -> None: ...
+
+class GetTenantRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class GetTenantResponse(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: TenantInfo
+    def __init__(self, tenant: _Optional[_Union[TenantInfo, _Mapping]] = ...) -> None: ...

@@ -64,6 +64,16 @@ class AuthServiceStub:
                 request_serializer=auth__pb2.UpdateKeyRequest.SerializeToString,
                 response_deserializer=auth__pb2.UpdateKeyResponse.FromString,
                 _registered_method=True)
+        self.SetTenantBudget = channel.unary_unary(
+                '/tail.auth.v1.AuthService/SetTenantBudget',
+                request_serializer=auth__pb2.SetTenantBudgetRequest.SerializeToString,
+                response_deserializer=auth__pb2.SetTenantBudgetResponse.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/tail.auth.v1.AuthService/GetTenant',
+                request_serializer=auth__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=auth__pb2.GetTenantResponse.FromString,
+                _registered_method=True)
         self.WatchKeyEvents = channel.unary_stream(
                 '/tail.auth.v1.AuthService/WatchKeyEvents',
                 request_serializer=auth__pb2.WatchKeyEventsRequest.SerializeToString,
@@ -111,6 +121,19 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTenantBudget(self, request, context):
+        """A budget change emits an UPDATED key event for each of the tenant's keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchKeyEvents(self, request, context):
         """Revocations and updates as they happen, for cache invalidation.
         """
@@ -150,6 +173,16 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.UpdateKey,
                     request_deserializer=auth__pb2.UpdateKeyRequest.FromString,
                     response_serializer=auth__pb2.UpdateKeyResponse.SerializeToString,
+            ),
+            'SetTenantBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantBudget,
+                    request_deserializer=auth__pb2.SetTenantBudgetRequest.FromString,
+                    response_serializer=auth__pb2.SetTenantBudgetResponse.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=auth__pb2.GetTenantRequest.FromString,
+                    response_serializer=auth__pb2.GetTenantResponse.SerializeToString,
             ),
             'WatchKeyEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchKeyEvents,
@@ -319,6 +352,60 @@ class AuthService:
             '/tail.auth.v1.AuthService/UpdateKey',
             auth__pb2.UpdateKeyRequest.SerializeToString,
             auth__pb2.UpdateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tail.auth.v1.AuthService/SetTenantBudget',
+            auth__pb2.SetTenantBudgetRequest.SerializeToString,
+            auth__pb2.SetTenantBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tail.auth.v1.AuthService/GetTenant',
+            auth__pb2.GetTenantRequest.SerializeToString,
+            auth__pb2.GetTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
-"""The admin commands as a person runs them: `tail-service keys ...` and `secrets ...`."""
+"""The admin commands as a person runs them: `tail-service keys ...`, `tenants ...` and
+`secrets ...`."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ EXE = str(Path(sys.executable).with_name("tail-service"))
 def cli(
     stack: Stack, pki_dir: Path, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    auth = args[0] in ("keys", "tenants")
     where = [
-        "--auth-address" if args[0] == "keys" else "--secrets-address",
-        f"127.0.0.1:{stack.auth_port if args[0] == 'keys' else stack.secrets_port}",
+        "--auth-address" if auth else "--secrets-address",
+        f"127.0.0.1:{stack.auth_port if auth else stack.secrets_port}",
         "--tls-dir",
         str(pki_dir),
     ]
@@ -54,6 +56,55 @@ def test_keys_commands(stack: Stack, pki_dir: Path) -> None:
     assert key_id not in gone.stdout
     missing = cli(stack, pki_dir, "keys", "revoke", "key_doesnotexist")
     assert missing.returncode == 1 and "not_found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_budget_commands(stack: Stack, pki_dir: Path) -> None:
+    created = cli(
+        stack, pki_dir, "keys", "create", "--tenant", "acme", "--budget", "5", "--budget-period", "day"
+    )
+    assert created.returncode == 0, created.stderr
+    assert "budget $5/day" in created.stderr and len(created.stdout.strip().splitlines()) == 1
+    assert cli(stack, pki_dir, "keys", "create", "--tenant", "acme", "--name", "plain").returncode == 0
+    [row, plain] = json.loads(cli(stack, pki_dir, "keys", "list", "--tenant", "acme", "--json").stdout)
+    assert (row["budget_usd"], row["budget_period"]) == (5, "day")
+    assert (plain["budget_usd"], plain["budget_period"]) == (0, "none")
+    table = cli(stack, pki_dir, "keys", "list", "--tenant", "acme").stdout.splitlines()
+    assert "BUDGET" in table[0].split() and "$5/day" in table[1].split() and "-" in table[2].split()
+
+    more = cli(stack, pki_dir, "keys", "update", row["id"], "--budget", "7.5")
+    assert more.returncode == 0 and "budget=$7.5/day" in more.stdout, more.stderr
+    monthly = cli(stack, pki_dir, "keys", "update", row["id"], "--budget-period", "month")
+    assert monthly.returncode == 0 and "budget=$7.5/month" in monthly.stdout, monthly.stderr
+    added = cli(stack, pki_dir, "keys", "update", plain["id"], "--budget", "2")  # month by default
+    assert added.returncode == 0 and "budget=$2/month" in added.stdout, added.stderr
+    removed = cli(stack, pki_dir, "keys", "update", row["id"], "--budget", "0")
+    assert removed.returncode == 0 and "budget=none" in removed.stdout, removed.stderr
+
+    shown = cli(stack, pki_dir, "tenants", "budget", "acme")
+    assert (shown.returncode, shown.stdout) == (0, "tenant acme: budget none\n"), shown.stderr
+    set_ = cli(stack, pki_dir, "tenants", "budget", "acme", "--budget", "100", "--budget-period", "month")
+    assert (set_.returncode, set_.stdout) == (0, "tenant acme: budget $100/month\n"), set_.stderr
+    assert cli(stack, pki_dir, "tenants", "budget", "acme").stdout == "tenant acme: budget $100/month\n"
+    total = cli(stack, pki_dir, "tenants", "budget", "acme", "--budget", "20", "--budget-period", "none")
+    assert total.stdout == "tenant acme: budget $20 total\n", total.stderr
+    off = cli(stack, pki_dir, "tenants", "budget", "acme", "--budget", "0")
+    assert off.stdout == "tenant acme: budget none\n", off.stderr
+
+    for args, says in [
+        (("keys", "create", "--budget", "-1"), "budget_usd"),
+        (("keys", "create", "--budget", "nan"), "budget_usd"),
+        (("keys", "create", "--budget", "1", "--budget-period", "week"), "budget_period"),
+        (("keys", "update", row["id"], "--budget-period", "day"), "budget_period"),  # no budget to change
+        (("keys", "update", row["id"], "--budget", "inf"), "budget_usd"),
+        (("tenants", "budget", "acme", "--budget", "-5"), "budget_usd"),
+        (("tenants", "budget", "acme", "--budget", "5", "--budget-period", "yearly"), "budget_period"),
+        (("tenants", "budget", "acme", "--budget-period", "day"), "--budget-period needs --budget"),
+        (("tenants", "budget", " "), "tenant is required"),
+    ]:
+        res = cli(stack, pki_dir, *args)
+        assert res.returncode == 2 and says in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert cli(stack, pki_dir, "tenants", "budget", "acme").stdout == "tenant acme: budget none\n"
 
 
 def test_secrets_commands_read_values_from_stdin(stack: Stack, pki_dir: Path) -> None:

@@ -250,6 +250,9 @@ def test_identities_are_authorized_per_rpc(
         (tail.UpdateKey, auth_pb2.UpdateKeyRequest(id=made.key.id, rpm=1)),
         (secrets.VerifyKey, auth_pb2.VerifyKeyRequest(api_key=made.api_key)),
         (secrets.GetPrincipals, auth_pb2.GetPrincipalsRequest(key_ids=[made.key.id])),
+        (tail.SetTenantBudget, auth_pb2.SetTenantBudgetRequest(tenant="acme", budget=auth_pb2.Budget(usd=1))),
+        (tail.GetTenant, auth_pb2.GetTenantRequest(tenant="acme")),
+        (secrets.SetTenantBudget, auth_pb2.SetTenantBudgetRequest(tenant="acme")),
     ]:
         assert rpc_error(method, request).code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.RpcError) as info:
@@ -257,6 +260,103 @@ def test_identities_are_authorized_per_rpc(
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert verify(tail, made.api_key).key_id == made.key.id
     assert not connect(port).ListKeys(auth_pb2.ListKeysRequest(), timeout=5).keys[0].revoked
+
+
+def budget(usd: float, period: str = "") -> Any:
+    return auth_pb2.Budget(usd=usd, period=period)
+
+
+def test_key_and_tenant_budgets(
+    serve: Callable[..., tuple[AuthService, int]], connect: StubFor, db_url: str
+) -> None:
+    _, port = serve(db_url)
+    admin, tail = connect(port), connect(port, "tail")
+    made = create(admin, budget=budget(5, "day"))
+    assert (made.key.budget.usd, made.key.budget.period) == (5, "day")
+    other = create(admin)  # no budget, same tenant
+    assert (other.key.budget.usd, other.key.budget.period) == (0, "none")
+    monthly = create(admin, tenant="beta", budget=budget(2.5))  # no period: per month
+    assert (monthly.key.budget.usd, monthly.key.budget.period) == (2.5, "month")
+    stream = tail.WatchKeyEvents(auth_pb2.WatchKeyEventsRequest(), timeout=20)
+    assert next(stream).kind == auth_pb2.KeyEvent.HELLO  # creating logs no event
+
+    p = verify(tail, made.api_key)
+    assert (p.budget.usd, p.budget.period, p.tenant_budget.usd, p.tenant_budget.period) == (
+        5,
+        "day",
+        0,
+        "none",
+    )
+    listed = {k.id: k.budget for k in admin.ListKeys(auth_pb2.ListKeysRequest(), timeout=5).keys}
+    assert (listed[made.key.id].usd, listed[monthly.key.id].period) == (5, "month")
+
+    updated = admin.UpdateKey(auth_pb2.UpdateKeyRequest(id=made.key.id, budget_usd=8), timeout=5).key
+    assert (updated.budget.usd, updated.budget.period) == (8, "day")
+    req = auth_pb2.UpdateKeyRequest(id=made.key.id, budget_period="month")
+    assert admin.UpdateKey(req, timeout=5).key.budget.period == "month"
+    req = auth_pb2.UpdateKeyRequest(id=other.key.id, budget_usd=0, budget_period="none")
+    assert admin.UpdateKey(req, timeout=5).key.budget.usd == 0
+
+    assert [next(stream).key_id for _ in range(3)] == [made.key.id, made.key.id, other.key.id]
+    set_req = auth_pb2.SetTenantBudgetRequest(tenant="acme", budget=budget(100, "month"))
+    info = admin.SetTenantBudget(set_req, timeout=5).tenant
+    assert (info.tenant, info.budget.usd, info.budget.period) == ("acme", 100, "month")
+    assert info.updated_at > 0
+    events = [next(stream), next(stream)]
+    assert {e.kind for e in events} == {auth_pb2.KeyEvent.UPDATED}
+    assert sorted(e.key_id for e in events) == sorted([made.key.id, other.key.id])  # not beta's key
+    admin.UpdateKey(auth_pb2.UpdateKeyRequest(id=monthly.key.id, budget_usd=3), timeout=5)
+    event = next(stream)  # beta's key, updated: the tenant change logged nothing more
+    assert (event.kind, event.key_id) == (auth_pb2.KeyEvent.UPDATED, monthly.key.id)
+    stream.cancel()
+
+    p = verify(tail, other.api_key)
+    assert (p.budget.usd, p.tenant_budget.usd, p.tenant_budget.period) == (0, 100, "month")
+    found = tail.GetPrincipals(
+        auth_pb2.GetPrincipalsRequest(key_ids=[made.key.id, monthly.key.id]), timeout=5
+    )
+    by_id = {q.key_id: q for q in found.principals}
+    assert (by_id[made.key.id].budget.usd, by_id[made.key.id].tenant_budget.usd) == (8, 100)
+    assert (by_id[monthly.key.id].budget.usd, by_id[monthly.key.id].tenant_budget.usd) == (3, 0)
+    got = admin.GetTenant(auth_pb2.GetTenantRequest(tenant="acme"), timeout=5).tenant
+    assert (got.budget.usd, got.budget.period, got.updated_at) == (100, "month", info.updated_at)
+    fresh = admin.GetTenant(auth_pb2.GetTenantRequest(tenant="nobody"), timeout=5).tenant
+    assert (fresh.tenant, fresh.budget.usd, fresh.budget.period, fresh.updated_at) == ("nobody", 0, "none", 0)
+
+    nan, inf = float("nan"), float("inf")
+    for method, request, field in [
+        (admin.CreateKey, auth_pb2.CreateKeyRequest(tenant="t", budget=budget(-1, "day")), "budget_usd"),
+        (admin.CreateKey, auth_pb2.CreateKeyRequest(tenant="t", budget=budget(nan, "day")), "budget_usd"),
+        (admin.CreateKey, auth_pb2.CreateKeyRequest(tenant="t", budget=budget(inf)), "budget_usd"),
+        (admin.CreateKey, auth_pb2.CreateKeyRequest(tenant="t", budget=budget(1, "week")), "budget_period"),
+        (admin.UpdateKey, auth_pb2.UpdateKeyRequest(id=made.key.id, budget_usd=-0.5), "budget_usd"),
+        (admin.UpdateKey, auth_pb2.UpdateKeyRequest(id=made.key.id, budget_usd=nan), "budget_usd"),
+        (admin.UpdateKey, auth_pb2.UpdateKeyRequest(id=made.key.id, budget_period="hourly"), "budget_period"),
+        (admin.UpdateKey, auth_pb2.UpdateKeyRequest(id=other.key.id, budget_period="day"), "budget_period"),
+        (
+            admin.SetTenantBudget,
+            auth_pb2.SetTenantBudgetRequest(tenant="acme", budget=budget(-inf)),
+            "budget_usd",
+        ),
+        (
+            admin.SetTenantBudget,
+            auth_pb2.SetTenantBudgetRequest(tenant="acme", budget=budget(1e12)),
+            "budget_usd",
+        ),
+        (
+            admin.SetTenantBudget,
+            auth_pb2.SetTenantBudgetRequest(tenant="acme", budget=budget(1, "y")),
+            "budget_period",
+        ),
+        (admin.SetTenantBudget, auth_pb2.SetTenantBudgetRequest(tenant="", budget=budget(1)), "tenant"),
+        (admin.GetTenant, auth_pb2.GetTenantRequest(tenant=""), "tenant"),
+    ]:
+        err = rpc_error(method, request)
+        assert (err.code(), field in err.details()) == (grpc.StatusCode.INVALID_ARGUMENT, True), err.details()
+    assert verify(tail, made.api_key).budget.usd == 8  # refused changes changed nothing
+    assert admin.GetTenant(auth_pb2.GetTenantRequest(tenant="acme"), timeout=5).tenant.budget.usd == 100
+    not_found = rpc_error(admin.UpdateKey, auth_pb2.UpdateKeyRequest(id="key_nope", budget_usd=1))
+    assert not_found.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_get_principals_gives_only_valid_keys(

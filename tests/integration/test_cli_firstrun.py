@@ -40,7 +40,8 @@ def test_keys_list_is_a_headed_aligned_table_and_json(stack: Stack, pki_dir: Pat
     lines = listed.stdout.rstrip("\n").splitlines()
     header = lines[0]
     assert header.split() == [
-        "ID", "PREFIX", "NAME", "TENANT", "MODELS", "RPM", "TPM", "CONCURRENCY", "EXPIRES", "STATUS"
+        "ID", "PREFIX", "NAME", "TENANT", "MODELS", "RPM", "TPM", "CONCURRENCY", "BUDGET", "EXPIRES",
+        "STATUS"
     ]  # fmt: skip
     assert len(lines) == 3
     # Aligned: every value starts in its header's column.
@@ -65,7 +66,8 @@ def test_keys_list_is_a_headed_aligned_table_and_json(stack: Stack, pki_dir: Pat
     by_name = {r["name"]: r for r in records}
     assert set(by_name["ci"]) == {
         "id", "prefix", "name", "tenant", "models", "rpm", "tpm", "max_concurrency",
-        "expires_at", "created_at", "revoked", "response_cache", "mcp_servers",
+        "expires_at", "created_at", "revoked", "response_cache", "mcp_servers", "budget_usd",
+        "budget_period",
     }  # fmt: skip
     assert by_name["ci"]["models"] == ["a", "b"] and by_name["ci"]["rpm"] == 5
     assert by_name["ci"]["prefix"] == keys["ci"][:12] and by_name["ci"]["revoked"] is False
