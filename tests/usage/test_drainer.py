@@ -58,7 +58,7 @@ async def test_a_record_read_by_a_dead_drainer_is_claimed_after_claim_after_and_
         for row in rows:
             await r.xadd(STREAM, {"r": orjson.dumps(row)})
         # a drainer reads all five and dies before storing or acking them
-        read = await r.xreadgroup(GROUP, "dead-drainer", {STREAM: ">"}, count=10)
+        read: Any = await r.xreadgroup(GROUP, "dead-drainer", {STREAM: ">"}, count=10)
         assert len(read[0][1]) == 5
         read_at = time.monotonic()
         with open_store(store_url(tmp_path)) as store:
