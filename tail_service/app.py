@@ -9,7 +9,6 @@ them at shutdown. Nothing is created at import time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import time
@@ -117,9 +116,13 @@ class _Closers:
                 if not task.cancelled():
                     task.exception()
                 return
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Cancelled again until it ends: a library may swallow one cancellation that
+            # lands inside a network call (redis-py's asyncio client does, now and then).
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1.0)
+            if not task.cancelled():
+                task.exception()  # retrieved: an error at shutdown is not worth a warning
 
         self.add(name, cancel)
 

@@ -149,15 +149,18 @@ class UsageDrainer:
         self._rows = UsageStore(store)
         self._settings = settings
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-        #: records stored by this drainer (for tests and logs)
+        #: records this drainer stored (not counting ones already stored)
         self.stored = 0
 
     def _client(self) -> Any:
         import redis.asyncio as aioredis
 
+        # a read that hangs (a Redis that stopped answering) ends: the blocking read's wait
+        # plus a margin
+        timeout = self._settings.flush_interval + 10.0
         if self._cluster:
-            return aioredis.RedisCluster.from_url(self._url)
-        return aioredis.from_url(self._url)
+            return aioredis.RedisCluster.from_url(self._url, socket_timeout=timeout)
+        return aioredis.from_url(self._url, socket_timeout=timeout)
 
     async def run(self) -> None:
         """Drain until cancelled, reconnecting (after a pause) when Redis goes away."""
@@ -221,8 +224,8 @@ class UsageDrainer:
                 log.error("usage ledger: skipping a malformed stream entry %r", entry_id)
                 continue
             rows.append(row)
-        await self._store.run(self._rows.insert, rows)
+        stored = await self._store.run(self._rows.insert, rows)
         stream = self._settings.stream
         await client.xack(stream, GROUP, *ids)
         await client.xdel(stream, *ids)
-        self.stored += len(rows)
+        self.stored += stored

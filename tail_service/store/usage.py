@@ -27,11 +27,13 @@ class UsageStore:
         insert = postgresql.insert if store.dialect == "postgresql" else sqlite.insert
         self._insert = insert(usage_records).on_conflict_do_nothing()
 
-    def insert(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Store ``rows`` in one transaction; a row whose id is already stored is skipped."""
-        if rows:
-            with self._engine.begin() as conn:
-                conn.execute(self._insert, list(rows))
+    def insert(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Store ``rows`` in one transaction; a row whose id is already stored is skipped.
+        Returns how many were new."""
+        if not rows:
+            return 0
+        with self._engine.begin() as conn:
+            return max(0, conn.execute(self._insert, list(rows)).rowcount)
 
     def count(self) -> int:
         with self._engine.connect() as conn:

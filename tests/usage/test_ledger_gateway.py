@@ -52,7 +52,7 @@ async def test_a_thousand_requests_over_two_replicas_give_exactly_a_thousand_exa
         [model_entry(MODEL, upstream, max_retries=0, price=PRICE)],
         redis={"url": private_redis.url(), "timeout": 1},
         store={"database_url": url},
-        usage={"flush_interval": 0.05},
+        usage={"flush_interval": 0.05, "drain_in_http": True},  # no worker here: the replicas drain
     )
     with serve_app(settings) as one, serve_app(settings) as two:
         replicas = [one, two]
@@ -153,7 +153,7 @@ def test_records_reach_the_store_directly_while_redis_is_down(
         ratelimit={"enabled": True},
         redis={"url": private_redis.url(), "timeout": 0.1, "breaker_failures": 2, "breaker_reset": 60},
         store={"database_url": url},
-        usage={"flush_interval": 0.05},
+        usage={"flush_interval": 0.05, "drain_in_http": True},
         server={"sse_keepalive": 0},
         state_dir=tmp_path / "state",
     )

@@ -46,7 +46,7 @@ redis:
 store:
   database_url: {url}
 usage:
-  drain: false
+  drain_in_http: false
 server:
   sse_keepalive: 0
 log_level: warning
