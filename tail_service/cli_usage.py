@@ -112,7 +112,7 @@ def usage_command(
     elif as_csv:
         writer = csv.DictWriter(sys.stdout, fieldnames=_columns(groups), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows({**r, "cost_usd": f"{r['cost_usd']:.9f}"} for r in records)
     else:
         _table(records, groups)
 

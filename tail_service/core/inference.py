@@ -34,7 +34,13 @@ from tail_service.core.proxy import ModelProxy
 from tail_service.core.token_counter import COUNT_INLINE_MAX_BYTES, TokenCounter, count_prompt, count_text
 from tail_service.core.types import ChunkStream, Completion, ProxyRequest, TokenUsage
 from tail_service.core.usage import Outcome, StreamUsage, UsageRecord, UsageSink
-from tail_service.errors import InvalidRequestError, ModelNotFoundError, TailError, UpstreamError
+from tail_service.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    TailError,
+    UpstreamError,
+    UpstreamRejectedError,
+)
 
 log = logging.getLogger("tail_service.inference")
 
@@ -209,11 +215,10 @@ class InferenceService:
             return Completion(begun.hit, cached_usage, headers)
         try:
             result, dep = await self.proxy.call(req)
-        except (ModelNotFoundError, InvalidRequestError):
-            self._settle(ticket, TokenUsage())
-            raise  # refused before any upstream call: nothing was used
         except BaseException as exc:
             self._settle(ticket, TokenUsage())
+            if _refused_here(exc):
+                raise  # refused before any upstream call: nothing was used
             outcome = Outcome.ERROR if isinstance(exc, Exception) else Outcome.CANCELLED
             status = (
                 exc.http_status if isinstance(exc, TailError) else (500 if outcome is Outcome.ERROR else 499)
@@ -320,8 +325,9 @@ class InferenceService:
             # recorded before the stream's end goes out, so the end implies the record
             finished = True
             await self._durable(self._finish_stream(req, begun, state, outcome, started=True))
-        except (ModelNotFoundError, InvalidRequestError):
-            outcome = None  # refused before any upstream call: nothing to record
+        except (ModelNotFoundError, InvalidRequestError) as exc:
+            if _refused_here(exc):
+                outcome = None  # refused before any upstream call: nothing to record
             raise
         except GeneratorExit:
             outcome = Outcome.CANCELLED
@@ -408,6 +414,14 @@ class _Begun:
     hit: dict[str, Any] | None
     #: ``time.monotonic()`` when the request began (its latency in the ledger)
     started: float = field(default=0.0)
+
+
+def _refused_here(exc: BaseException) -> bool:
+    """A request refused before any upstream call (an unknown model, a bad parameter): it
+    used nothing and gets no usage record. A refusal by the upstream itself gets one."""
+    return isinstance(exc, (ModelNotFoundError, InvalidRequestError)) and not isinstance(
+        exc, UpstreamRejectedError
+    )
 
 
 def _give_up(done: asyncio.Future[None]) -> None:

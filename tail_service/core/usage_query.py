@@ -81,19 +81,21 @@ def parse_query(params: Mapping[str, Sequence[str]], now: int) -> tuple[UsageQue
     start = _int(one("start_time"), "start_time")
     if start is None:
         raise InvalidRequestError("Missing required parameter: 'start_time'.", param="start_time")
+    end = _int(one("end_time"), "end_time")
+    if end is None:
+        end = max(now + 1, start + 1)  # exclusive, and records are whole seconds: this one too
+    if end <= start:
+        raise InvalidRequestError("'end_time' must be after 'start_time'.", param="end_time")
     page = _int(one("page"), "page")
     if page is not None:
-        if page < start or (page - start) % width:
+        if page < start or page >= end or (page - start) % width:
             raise InvalidRequestError(
                 "Invalid value for 'page': use the next_page of an answer.", param="page"
             )
         start = page
-    end = _int(one("end_time"), "end_time")
-    if end is None:
-        end = max(now, start + 1)
-    if end <= start:
-        raise InvalidRequestError("'end_time' must be after 'start_time'.", param="end_time")
-    limit = _int(one("limit"), "limit") or default_limit
+    limit = _int(one("limit"), "limit")
+    if limit is None:
+        limit = default_limit
     if not 1 <= limit <= max_limit:
         raise InvalidRequestError(
             f"Invalid value for 'limit': from 1 to {max_limit} buckets of '{width_name}'.", param="limit"
