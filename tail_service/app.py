@@ -212,9 +212,6 @@ async def build_core(
         if limiter is not None
         else None
     )
-    if admitter is not None:
-        # closed first: settlements on their way still need the limiter and Redis
-        closers.add("the admitter", admitter.drain)
     ledger = UsageLedger(
         redis_client,
         store,
@@ -222,7 +219,11 @@ async def build_core(
         durable_wait=settings.redis.timeout,
         redis_down=(lambda: limiter.breaker_open) if limiter is not None else (lambda: False),
     )
+    # after the admitter's drain: records on their way are answered (or held) by then
     closers.add("the usage ledger", ledger.close)
+    if admitter is not None:
+        # closed first: settlements on their way still need the limiter and Redis
+        closers.add("the admitter", admitter.drain)
     inference = InferenceService(
         proxy,
         counter,

@@ -130,7 +130,13 @@ class UsageLedger:
             del self._buffer[: len(rows)]
 
     async def close(self) -> None:
-        """Write what is held (at shutdown)."""
+        """Wait (briefly) for the records on their way to Redis, then write what is held to
+        the store (at shutdown)."""
+        if self._redis is not None and self._pending:
+            try:
+                await self._redis.barrier(timeout=2.0)
+            except Exception as exc:  # those not answered were held by their callback
+                log.warning("usage ledger: Redis did not confirm the last records (%s)", type(exc).__name__)
         if self._flusher is not None:
             self._flusher.cancel()
         while self._buffer:

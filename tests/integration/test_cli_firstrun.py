@@ -106,8 +106,8 @@ def test_up_log_level(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     log = "".join(lines)
-    # debug: DEBUG records, and the access log line (on at debug only) of the request above
+    # debug: DEBUG records, and the access log line of the request above
     assert " DEBUG " in log, log[-3000:]
-    assert re.search(r"tail_service\.access .*GET /livez 200", log), log[-3000:]
+    assert re.search(r"tail_service\.access .*method=GET route=/livez status=200", log), log[-3000:]
     bad = subprocess.run([EXE, "up", "--log-level", "loud"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "loud" in bad.stderr
