@@ -35,9 +35,9 @@ from typing import Any
 
 import orjson
 
-from tail_service.clients.redis_pipe import Script, SharedRedis
+from tail_service.clients.redis_pipe import PipelinedRedis, Script, SharedRedis
 from tail_service.clients.redis_resp import Reply
-from tail_service.core.usage import UsageRecord
+from tail_service.core.usage import LEDGER_FIELDS, UsageRecord
 from tail_service.settings import UsageSettings
 from tail_service.store import Store
 from tail_service.store.usage import UsageStore
@@ -47,7 +47,7 @@ log = logging.getLogger("tail_service.usage")
 #: the consumer group every drainer reads in
 GROUP = "ledger"
 
-# A script, not a bare XADD: the cluster client routes scripts by their key.
+# On a cluster, a script rather than a bare XADD: the cluster client routes scripts by key.
 _XADD = Script("return redis.call('XADD', KEYS[1], '*', 'r', ARGV[1])")
 
 
@@ -64,6 +64,7 @@ class UsageLedger:
         redis_down: Callable[[], bool] = lambda: False,
     ) -> None:
         self._redis = redis
+        self._cluster = not isinstance(redis, PipelinedRedis)
         #: the rate limiter's breaker: while it is open, records skip Redis
         self._redis_down = redis_down
         self._durable_wait = durable_wait
@@ -78,27 +79,30 @@ class UsageLedger:
         self._dropped = 0
 
     def record(self, rec: UsageRecord) -> asyncio.Future[None] | None:
-        row = rec.to_row()
         if self._redis is None or self._redis_down():
-            self._hold(row)
+            self._hold(rec.to_row())
             return None
         now = time.monotonic()
         # Redis is stalled when an earlier record waits longer than a response would: then
         # responses stop waiting (the records still go, or fall back to the store).
         stalled = bool(self._pending) and now - self._pending[0] > self._durable_wait
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        payload = orjson.dumps(row)
+        # the values in LEDGER_FIELDS order: a third of the bytes of a JSON object
+        payload = orjson.dumps(rec.to_values())
 
         def sent(reply: Reply) -> None:
             if self._pending:
                 self._pending.popleft()
             if isinstance(reply, BaseException):
-                self._hold(row)
+                self._hold(rec.to_row())
             if not done.done():
                 done.set_result(None)
 
         self._pending.append(now)
-        self._redis.submit_script(_XADD, (self._stream,), (payload,), sent)
+        if self._cluster:
+            self._redis.submit_script(_XADD, (self._stream,), (payload,), sent)
+        else:
+            self._redis.submit(("XADD", self._stream, "*", "r", payload), sent)
         return None if stalled else done
 
     def _hold(self, row: dict[str, Any]) -> None:
@@ -207,11 +211,25 @@ class UsageDrainer:
                     await self._store_entries(client, entries)
                     if not entries or cursor in (b"0-0", "0-0"):
                         break
+            await self._store_entries(client, await self._gather(client, block_ms))
+
+    async def _gather(self, client: Any, block_ms: int) -> list[Any]:
+        """New entries for one store transaction: the first that arrive (waiting at most
+        ``block_ms`` for them), then, ``flush_interval`` later, what came meanwhile, up to
+        ``batch_size``. Two reads and one commit per batch, rather than a read per record
+        and a commit per read (a commit of SQLite syncs the disk)."""
+        s = self._settings
+        reply = await client.xreadgroup(
+            GROUP, self.consumer, {s.stream: ">"}, count=s.batch_size, block=block_ms
+        )
+        batch = [entry for _name, entries in reply or () for entry in entries]
+        if batch and len(batch) < s.batch_size:
+            await asyncio.sleep(s.flush_interval)
             reply = await client.xreadgroup(
-                GROUP, self.consumer, {stream: ">"}, count=s.batch_size, block=block_ms
+                GROUP, self.consumer, {s.stream: ">"}, count=s.batch_size - len(batch)
             )
-            for _name, entries in reply or ():
-                await self._store_entries(client, entries)
+            batch += [entry for _name, entries in reply or () for entry in entries]
+        return batch
 
     async def _store_entries(self, client: Any, entries: list[Any]) -> None:
         if not entries:
@@ -224,6 +242,8 @@ class UsageDrainer:
             raw = fields.get(b"r") or fields.get("r")
             try:
                 row = orjson.loads(raw)
+                if isinstance(row, list) and len(row) == len(LEDGER_FIELDS):
+                    row = dict(zip(LEDGER_FIELDS, row, strict=True))
                 if not isinstance(row, dict) or not row.get("id"):
                     raise ValueError("not a usage record")
             except (ValueError, TypeError):

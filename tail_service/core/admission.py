@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import Tracer
 
-from tail_service.core.budget import budget_for, budget_message
+from tail_service.core.budget import Budgets, budget_message
 from tail_service.core.pricing import Pricing
 from tail_service.core.ratelimit import (
     UNLIMITED,
@@ -78,6 +78,7 @@ class Admitter:
         self._default_max_tokens = default_max_tokens
         self.pricing = pricing or Pricing({})
         self._clock = clock
+        self._budgets = Budgets()
         self._id_prefix = "a" + os.urandom(6).hex() + ":"
         self._ids = itertools.count()
 
@@ -133,8 +134,8 @@ class Admitter:
                 cost = self.pricing.worst_case_nanos(req.model, prompt, answer_tokens)
         if budgeted:
             now = self._clock()
-            budget = budget_for(p.budget_usd, p.budget_period, now)
-            tenant_budget = budget_for(p.tenant_budget_usd, p.tenant_budget_period, now)
+            budget = self._budgets.get(p.budget_usd, p.budget_period, now)
+            tenant_budget = self._budgets.get(p.tenant_budget_usd, p.tenant_budget_period, now)
         ask = AdmissionRequest(
             subject=p.key_id,
             request_id=self._id_prefix + str(next(self._ids)),

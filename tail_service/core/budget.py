@@ -17,6 +17,28 @@ from tail_service.core.ratelimit import Admission, AdmissionRequest, Budget
 PERIODS = ("day", "month", "none")
 
 
+class Budgets:
+    """:func:`budget_for`, remembered until the period it falls in ends (it is asked once
+    per request; the calendar arithmetic costs more than the lookup)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._known: dict[tuple[float, str], Budget] = {}
+        self._size = size
+
+    def get(self, usd: float, period: str, now: float) -> Budget | None:
+        if usd <= 0:
+            return None
+        known = self._known.get((usd, period))
+        if known is not None and (not known.resets_at or now < known.resets_at) and now >= known.starts_at:
+            return known
+        if len(self._known) >= self._size:
+            self._known.clear()
+        budget = budget_for(usd, period, now)
+        assert budget is not None
+        self._known[(usd, period)] = budget
+        return budget
+
+
 def budget_for(usd: float, period: str, now: float) -> Budget | None:
     """The budget of ``usd`` per ``period`` in force at unix time ``now`` (None: no budget)."""
     if usd <= 0:
@@ -26,11 +48,15 @@ def budget_for(usd: float, period: str, now: float) -> Budget | None:
     if period == "day":
         start = day.replace(hour=0, minute=0, second=0, microsecond=0)
         end = start + dt.timedelta(days=1)
-        return Budget(limit, "d" + start.strftime("%Y%m%d"), int(end.timestamp()), "per day")
+        return Budget(
+            limit, "d" + start.strftime("%Y%m%d"), int(end.timestamp()), "per day", int(start.timestamp())
+        )
     if period == "month":
         start = day.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         end = (start + dt.timedelta(days=32)).replace(day=1)
-        return Budget(limit, "m" + start.strftime("%Y%m"), int(end.timestamp()), "per month")
+        return Budget(
+            limit, "m" + start.strftime("%Y%m"), int(end.timestamp()), "per month", int(start.timestamp())
+        )
     return Budget(limit, "all", 0, "in total")
 
 

@@ -186,9 +186,11 @@ class InferenceService:
         on its way after that is written all the same, it just no longer holds up the reply."""
         if done is None or done.done():
             return
+        # Not shielded: the future is this request's alone (the sink only completes it), so
+        # a cancellation that reaches it harms nothing.
         timer = asyncio.get_running_loop().call_later(self._durable_wait, _give_up, done)
         try:
-            await asyncio.shield(done)
+            await done
         finally:
             timer.cancel()
 

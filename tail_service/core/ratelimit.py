@@ -52,6 +52,8 @@ class Budget:
     resets_at: int = 0
     #: how the period reads in a message: "per day", "per month", "in total"
     label: str = "in total"
+    #: the unix second the period began (0: always)
+    starts_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,29 +57,56 @@ class UsageRecord:
     #: unix time the unit ended
     created_at: float = 0.0
 
+    def to_values(self) -> tuple[Any, ...]:
+        """The record as a row of the ledger: its values in :data:`LEDGER_FIELDS` order."""
+        u = self.usage
+        return (
+            self.record_id,
+            self.request_id,
+            self.key_id,
+            self.tenant,
+            self.model,
+            self.deployment,
+            self.endpoint.value,
+            self.source.value,
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.cached_tokens,
+            self.cost_nanos,
+            round(self.latency_s * 1000),
+            self.status,
+            self.outcome.value,
+            self.cache_hit,
+            self.estimated,
+            int(self.created_at),
+        )
+
     def to_row(self) -> dict[str, Any]:
         """The record as a row of the ledger (``usage_records``), JSON-ready."""
-        u = self.usage
-        return {
-            "id": self.record_id,
-            "request_id": self.request_id,
-            "key_id": self.key_id,
-            "tenant": self.tenant,
-            "model": self.model,
-            "deployment": self.deployment,
-            "endpoint": self.endpoint.value,
-            "source": self.source.value,
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "cached_tokens": u.cached_tokens,
-            "cost_nanos": self.cost_nanos,
-            "latency_ms": round(self.latency_s * 1000),
-            "status": self.status,
-            "outcome": self.outcome.value,
-            "cache_hit": self.cache_hit,
-            "estimated": self.estimated,
-            "created_at": int(self.created_at),
-        }
+        return dict(zip(LEDGER_FIELDS, self.to_values(), strict=True))
+
+
+#: the ledger's columns (``usage_records``), in the order of :meth:`UsageRecord.to_values`
+LEDGER_FIELDS = (
+    "id",
+    "request_id",
+    "key_id",
+    "tenant",
+    "model",
+    "deployment",
+    "endpoint",
+    "source",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cost_nanos",
+    "latency_ms",
+    "status",
+    "outcome",
+    "cache_hit",
+    "estimated",
+    "created_at",
+)
 
 
 class UsageSink(Protocol):

@@ -10,10 +10,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
+from tail_service.core.usage import LEDGER_FIELDS
 from tail_service.store import Store
 from tail_service.store.schema import usage_records
+
+#: the table's columns, in the order of a record's values (a test checks they agree)
+_COLUMNS = LEDGER_FIELDS
 
 #: the columns a query may group by, by their name in the API
 GROUP_COLUMNS = {"model": "model", "api_key_id": "key_id", "tenant": "tenant", "source": "source"}
@@ -24,16 +27,21 @@ class UsageStore:
 
     def __init__(self, store: Store) -> None:
         self._engine = store.engine
-        insert = postgresql.insert if store.dialect == "postgresql" else sqlite.insert
-        self._insert = insert(usage_records).on_conflict_do_nothing()
+        # The driver's own executemany with a statement compiled once: SQLAlchemy's
+        # per-row parameter processing cost ~12 us a row, most of a drainer's work.
+        mark = "%s" if store.dialect == "postgresql" else "?"
+        names = ", ".join(_COLUMNS)
+        marks = ", ".join([mark] * len(_COLUMNS))
+        self._sql = f"INSERT INTO {usage_records.name} ({names}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING"
 
     def insert(self, rows: Sequence[dict[str, Any]]) -> int:
         """Store ``rows`` in one transaction; a row whose id is already stored is skipped.
         Returns how many were new."""
         if not rows:
             return 0
+        values = [tuple(row[c] for c in _COLUMNS) for row in rows]
         with self._engine.begin() as conn:
-            return max(0, conn.execute(self._insert, list(rows)).rowcount)
+            return max(0, conn.exec_driver_sql(self._sql, values).rowcount)
 
     def count(self) -> int:
         with self._engine.connect() as conn:

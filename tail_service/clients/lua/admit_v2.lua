@@ -142,9 +142,10 @@ end
 local allowed = reason == 0
 
 if allowed and budget_limit > 0 then
+  local fresh = redis.call('EXISTS', KEYS[7]) == 0
   redis.call('INCRBY', KEYS[7], budget_cost)
   redis.call('HSET', KEYS[8], id, budget_cost)
-  if budget_end > 0 then
+  if fresh and budget_end > 0 then -- the period's first admission: its counters end a day after it
     redis.call('PEXPIREAT', KEYS[7], budget_end + 86400000)
     redis.call('PEXPIREAT', KEYS[8], budget_end + 86400000)
   end
