@@ -64,7 +64,6 @@ class UsageLedger:
         redis_down: Callable[[], bool] = lambda: False,
     ) -> None:
         self._redis = redis
-        self._cluster = not isinstance(redis, PipelinedRedis)
         #: the rate limiter's breaker: while it is open, records skip Redis
         self._redis_down = redis_down
         self._durable_wait = durable_wait
@@ -99,10 +98,10 @@ class UsageLedger:
                 done.set_result(None)
 
         self._pending.append(now)
-        if self._cluster:
-            self._redis.submit_script(_XADD, (self._stream,), (payload,), sent)
-        else:
+        if isinstance(self._redis, PipelinedRedis):
             self._redis.submit(("XADD", self._stream, "*", "r", payload), sent)
+        else:
+            self._redis.submit_script(_XADD, (self._stream,), (payload,), sent)
         return None if stalled else done
 
     def _hold(self, row: dict[str, Any]) -> None:
