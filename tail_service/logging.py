@@ -8,6 +8,7 @@ calls. A redaction filter masks anything that looks like a bearer token or API k
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import re
@@ -110,3 +111,92 @@ def configure_logging(level: str, *, json: bool) -> None:
     # token) at INFO and DEBUG; our own MCP client logs the server's name instead.
     for name in ("httpx2", "httpx", "mcp"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class AccessLog:
+    """Writes the access log's lines (logger ``tail_service.access``), cheaply.
+
+    When the lines would go only to the handler :func:`configure_logging` installed (the
+    usual case), they are formatted here, exactly as that handler would format them, and
+    written together once per turn of the event loop: one ``write`` for all the requests
+    that ended in that turn instead of a log record, a handler chain and a ``write`` each
+    (measured in the loaded service: that path cost 0.05-0.09 ms per request). Any other
+    set-up (a handler on the access logger, another on the root, a test capturing lines)
+    gets ordinary log records. The fields are bounded values the caller chose: never a key
+    or any content, so no redaction pass is needed.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._root = logging.getLogger()
+        self._lines: list[str] = []
+        self._handler: logging.StreamHandler[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: (unix second, its formatted date and time)
+        self._stamp: tuple[int, str] = (-1, "")
+
+    def _direct(self) -> logging.StreamHandler[Any] | None:
+        """Our own stderr handler, when it is the only place these lines go."""
+        handlers = self._root.handlers
+        if self._logger.handlers or not self._logger.propagate or len(handlers) != 1:
+            return None
+        handler = handlers[0]
+        if not getattr(handler, "_tail", False) or not isinstance(handler, logging.StreamHandler):
+            return None
+        return handler
+
+    def write(self, request_id: str, fields: dict[str, Any]) -> None:
+        """One line: ``access`` with ``fields`` (at INFO; the caller checked the level)."""
+        handler = self._direct()
+        if handler is None:
+            record = self._logger.makeRecord(self._logger.name, logging.INFO, __file__, 0, "access", (), None)
+            record.__dict__.update(fields)
+            self._logger.handle(record)
+            return
+        now = time.time()
+        if isinstance(handler.formatter, _JsonFormatter):
+            doc = {
+                "ts": round(now, 3),
+                "level": "info",
+                "logger": self._logger.name,
+                "msg": "access",
+                "request_id": request_id,
+                **fields,
+            }
+            line = orjson.dumps(doc, default=str).decode()
+        else:
+            second, stamp = self._stamp
+            if int(now) != second:
+                second = int(now)
+                stamp = time.strftime(logging.Formatter.default_time_format, time.localtime(now))
+                self._stamp = (second, stamp)
+            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+            ms = int((now - second) * 1000)
+            line = f"{stamp},{ms:03d} INFO {self._logger.name} [{request_id}] access {pairs}"
+        if not self._lines:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._handler = handler
+            self._loop.call_soon(self.flush)
+        self._lines.append(line)
+
+    def flush(self) -> None:
+        """Write the lines gathered in this turn of the loop (one ``write``)."""
+        lines, self._lines = self._lines, []
+        handler = self._handler
+        if not lines or handler is None:
+            return
+        with handler.lock or _NO_LOCK:
+            handler.stream.write("\n".join(lines) + "\n")
+            handler.stream.flush()
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()

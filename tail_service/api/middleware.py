@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tail_service.api.errors import error_response
 from tail_service.core.types import RequestStats
 from tail_service.errors import ClientDisconnected, TailError
-from tail_service.logging import request_id_var
+from tail_service.logging import AccessLog, request_id_var
 
 access_log = logging.getLogger("tail_service.access")
 log = logging.getLogger("tail_service.api")
@@ -78,6 +78,7 @@ class RequestIdMiddleware:
     ) -> None:
         self.app = app
         self.access_log = access_log_enabled
+        self._access = AccessLog(access_log)
         self.observe = observe
         self.fast_paths = fast_paths
         self.models = models
@@ -163,8 +164,4 @@ class RequestIdMiddleware:
             fields["completion_tokens"] = usage.completion_tokens
         if stats.cache:
             fields["cache"] = stats.cache
-        # ``info(extra=...)`` would look up the caller's frame and check every field
-        # against the record's attributes (~2 us); these names are known not to clash.
-        record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "access", (), None)
-        record.__dict__.update(fields)
-        access_log.handle(record)
+        self._access.write(request_id_var.get(), fields)
