@@ -90,6 +90,31 @@ def main() -> None:
                     notice.append(time.time() - steps[-1]["completed_at"])
                     assert run["status"] == "completed" and run["output_text"] == "Answer: 42", run
 
+                def first_text(path: str, body: dict[str, object], marker: bytes) -> float:
+                    """Seconds from the request to the first line of streamed text."""
+                    t0, first = time.monotonic(), None
+                    with client.stream("POST", path, json=body) as r:
+                        for line in r.iter_lines():
+                            if first is None and marker in line.encode():
+                                first = time.monotonic() - t0
+                    if first is not None:
+                        return first
+                    raise SystemExit(f"no streamed text from {path}")
+
+                hello = {"model": "fake-gpt", "messages": [{"role": "user", "content": "hello there"}]}
+                chat_ttft, responses_ttft = [], []
+                for _ in range(args.runs):
+                    chat_ttft.append(
+                        first_text("/chat/completions", {**hello, "stream": True}, b'"content":"')
+                    )
+                    responses_ttft.append(
+                        first_text(
+                            "/responses",
+                            {"model": "fake-gpt", "input": "hello there", "stream": True},
+                            b"response.output_text.delta",
+                        )
+                    )
+
                 def start(_: int) -> str:
                     return str(client.post("/agentic", json={**BODY, "background": True}).json()["id"])
 
@@ -119,6 +144,8 @@ def main() -> None:
                         "pickup_p50_ms": pct(pickup, 0.5),
                         "steps_p50_ms": pct(work, 0.5),
                         "answer_after_last_step_p50_ms": pct(notice, 0.5),
+                        "chat_stream_first_text_p50_ms": pct(chat_ttft, 0.5),
+                        "responses_stream_first_text_p50_ms": pct(responses_ttft, 0.5),
                         "concurrent_runs": args.concurrent,
                         "concurrent_created_s": round(created_s, 2),
                         "concurrent_elapsed_s": round(elapsed, 2),

@@ -41,11 +41,12 @@ from tail_service.clients.limiter_guard import GuardedLimiter
 from tail_service.clients.ratelimit_redis import RedisRateLimiter
 from tail_service.clients.redis_cluster import ClusterPipelinedRedis
 from tail_service.clients.redis_pipe import PipelinedRedis, SharedRedis
+from tail_service.clients.redis_pubsub import RunWatch, publisher
 from tail_service.clients.response_cache import RedisResponseCache
 from tail_service.clients.secrets import SecretsClient
 from tail_service.clients.usage_ledger import UsageDrainer, UsageLedger
 from tail_service.core.admission import Admitter
-from tail_service.core.agent import AGENT_WAKE_CHANNEL
+from tail_service.core.agent import AGENT_WAKE_CHANNEL, RUN_EVENTS_CHANNEL
 from tail_service.core.inference import InferenceService
 from tail_service.core.pricing import Price, Pricing
 from tail_service.core.provider import Provider
@@ -317,7 +318,11 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         if redis_client is not None:
             services.health_checks["redis"] = _redis_health(redis_client, limiter)
             if isinstance(redis_client, PipelinedRedis):  # not a cluster: one node to publish on
-                services.wake_agents = _agent_waker(redis_client)
+                wake = publisher(redis_client, AGENT_WAKE_CHANNEL)
+                services.wake_agents = lambda: wake("1")
+                services.run_watch = RunWatch(settings.redis.url, RUN_EVENTS_CHANNEL)
+                services.run_watch.start()
+                closers.add("the agent runs' watch", services.run_watch.aclose)
         local_health = getattr(providers.get("local"), "health", None)
         if local_health is not None:
             services.health_checks["local_models"] = local_health
@@ -342,19 +347,6 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         finally:
             # before any resource closes: new requests are refused from now on
             app.state.draining = True
-
-
-def _agent_waker(client: PipelinedRedis) -> Callable[[], None]:
-    """A fire-and-forget ``PUBLISH`` on :data:`AGENT_WAKE_CHANNEL`: the workers start a new
-    run at once instead of at their next look at the store (a lost notice costs only that)."""
-
-    def ignore(_reply: object) -> None:
-        return None
-
-    def wake() -> None:
-        client.submit(("PUBLISH", AGENT_WAKE_CHANNEL, "1"), ignore)
-
-    return wake
 
 
 def _limiter(settings: Settings) -> tuple[SharedRedis | None, GuardedLimiter | None]:

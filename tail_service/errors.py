@@ -32,6 +32,8 @@ and are logged with a traceback, never a 4xx.
      │    └── UpstreamUnavailableError (503 upstream_unavailable): every deployment failed,
      │         is cooling down, or is rate limited
      ├── UpstreamTimeoutError (504 upstream_timeout)
+     ├── StreamTimeoutError (504 stream_timeout): an event stream outlived the request
+     │    timeout (the run goes on; the stream can be resumed)
      └── ClientDisconnected (499): the client left first; logged, never sent
 
     ProviderError: one attempt failed (``retryable``, ``failover``, ``retry_after``)
@@ -221,6 +223,11 @@ class UpstreamUnavailableError(ServiceUnavailableError):
 class UpstreamTimeoutError(TailError):
     status = 504
     default_code = "upstream_timeout"
+
+
+class StreamTimeoutError(TailError):
+    status = 504
+    default_code = "stream_timeout"
 
 
 class ClientDisconnected(TailError):

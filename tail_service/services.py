@@ -10,6 +10,8 @@ from typing import Any
 
 from opentelemetry.trace import Tracer
 
+from tail_service.clients.redis_pubsub import RunWatch
+from tail_service.core.agent import RUN_EVENTS_CHANNEL
 from tail_service.core.auth import Authenticator
 from tail_service.core.inference import InferenceService
 from tail_service.core.provider import Provider
@@ -39,6 +41,9 @@ class Services:
     store: Store
     #: tells the workers a run waits to start (a Redis PUBLISH; they also poll the store)
     wake_agents: Callable[[], None] = lambda: None
+    #: wakes whoever waits on an agent run when a worker stored its news (without Redis,
+    #: only the store poll's timer does)
+    run_watch: RunWatch = field(default_factory=lambda: RunWatch(None, RUN_EVENTS_CHANNEL))
     #: names of the built-in agent tools (``{"type": "builtin", "name": ...}``)
     builtin_tools: frozenset[str] = frozenset()
     #: unix time the app started; the ``created`` of every listed model

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from opentelemetry.trace import Tracer
 
@@ -56,11 +56,18 @@ log = logging.getLogger("tail_service.agent")
 Plan = dict[str, Any]
 #: seconds between flushes of streamed text into ``message.delta`` events
 DELTA_FLUSH = 0.1
+#: the same for a run whose client streams: its first text is flushed at once, then this often
+LIVE_DELTA_FLUSH = 0.05
 #: transient upstream failures a model call is tried again for
 TRANSIENT_RETRIES = 3
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 #: the plan of a run that was deleted meanwhile
 _GONE: Plan = {"phase": "end", "step": -1, "tools": []}
+_T = TypeVar("_T")
+
+
+def _quiet(_run_id: str) -> None:
+    return None
 
 
 class McpTools(Protocol):
@@ -101,8 +108,11 @@ class AgentEngine:
         default_max_tokens: int = 1024,
         clock: Callable[[], float] = time.time,
         tracer: Tracer = NOOP_TRACER,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        #: told a run's id after each write that added events to it (a Redis notice)
+        self._notify = notify or _quiet
         #: one span per model call and per tool call step
         self.tracer = tracer
         self.store = store
@@ -114,6 +124,12 @@ class AgentEngine:
         self._clock = clock
 
     # -- helpers ------------------------------------------------------------------------
+
+    async def _write(self, fn: Callable[..., _T], run_id: str, *args: Any) -> _T:
+        """A write to the run's rows (with events); whoever waits on the run hears of it."""
+        result = await self.store.run(fn, run_id, *args)
+        self._notify(run_id)
+        return result
 
     async def _row(self, run_id: str) -> RunRow | None:
         """The run as stored; ``None`` once it was deleted (a response's ``DELETE``): the
@@ -164,7 +180,7 @@ class AgentEngine:
         }
         summary = dataclasses.replace(row, **values).to_openai()
         events = [*_step_events(steps), (END_EVENTS[ended.status], {"run": summary})]
-        await self.store.run(self.runs.advance, row.id, expect, values, events, steps)
+        await self._write(self.runs.advance, row.id, expect, values, events, steps)
         return {"phase": "end", "step": values["next_step"], "tools": []}
 
     # -- the steps ----------------------------------------------------------------------
@@ -191,7 +207,7 @@ class AgentEngine:
                 return await self._end(row, expect, _Ended("failed", error=err))
             values["tools"] = dumps([t.to_dict() for t in catalog])
         started = dataclasses.replace(row, **values)
-        await self.store.run(
+        await self._write(
             self.runs.advance, run_id, expect, values, [("run.in_progress", {"run": started.to_openai()})]
         )
         row = await self._row(run_id)
@@ -255,7 +271,7 @@ class AgentEngine:
             "started_at": started,
             "input": {"messages": new_messages(messages, first=row.model_calls == 0)},
         }
-        await self.store.run(
+        await self._write(
             self.runs.put_step,
             run_id,
             step_no,
@@ -321,7 +337,7 @@ class AgentEngine:
             "next_step": next_step,
         }
         steps = [model_step, *((n, "tool_call", s["status"], s) for n, s in planned)]
-        await self.store.run(self.runs.advance, run_id, expect, values, _step_events(steps[:1]), steps)
+        await self._write(self.runs.advance, run_id, expect, values, _step_events(steps[:1]), steps)
         return {
             "phase": "tools",
             "step": next_step,
@@ -386,6 +402,7 @@ class AgentEngine:
         except TailError as exc:  # e.g. an MCP server's tool schema the chat schema refuses
             raise _Ended("failed", error=exc.body()["error"]) from None
         throttled = transient = 0
+        live = bool(loads(row.request).get("stream"))
         while True:
             now = await self._row(row.id)
             if now is None:
@@ -406,7 +423,7 @@ class AgentEngine:
             )
             try:
                 async with asyncio.timeout(left):
-                    answer, usage = await self._stream(row.id, req, step_no)
+                    answer, usage = await self._stream(row.id, req, step_no, live=live)
                 return answer, usage, throttled
             except TimeoutError:
                 raise _Ended("incomplete", reason="max_time", throttled=throttled) from None
@@ -424,19 +441,20 @@ class AgentEngine:
                 await asyncio.sleep(delay * (0.5 + random.random()))
 
     async def _stream(
-        self, run_id: str, req: ProxyRequest, step_no: int
+        self, run_id: str, req: ProxyRequest, step_no: int, *, live: bool
     ) -> tuple[dict[str, Any], TokenUsage]:
         stream = await self.inference.open_stream(req)
         acc = ChatAccumulator()
         pending: list[str] = []
-        flushed = time.monotonic()
+        every = LIVE_DELTA_FLUSH if live else DELTA_FLUSH
+        flushed = float("-inf") if live else time.monotonic()
 
         async def flush() -> None:
             nonlocal flushed
             if pending:
                 text = "".join(pending)
                 pending.clear()
-                await self.store.run(
+                await self._write(
                     self.runs.append, run_id, [("message.delta", {"step": step_no, "delta": text})]
                 )
             flushed = time.monotonic()
@@ -449,7 +467,7 @@ class AgentEngine:
                     text = (choice.get("delta") or {}).get("content")
                     if text and choice.get("index", 0) == 0:
                         pending.append(text)
-                if pending and time.monotonic() - flushed >= DELTA_FLUSH:
+                if pending and time.monotonic() - flushed >= every:
                     await flush()
                 chunk = await anext(stream.rest, None)
         finally:
@@ -471,7 +489,7 @@ class AgentEngine:
             return  # ran before (the checkpoint was lost in a crash), or not ours to run
         data = dict(step.data)
         started = self._clock()
-        await self.store.run(self.runs.append, run_id, [("tool_call.started", {"step": data})])
+        await self._write(self.runs.append, run_id, [("tool_call.started", {"step": data})])
         try:
             output = await self._run_tool(data)
             data.update(status="completed", output=output)
@@ -482,7 +500,7 @@ class AgentEngine:
             data.update(status="failed", error="The tool failed unexpectedly.")
         done = self._clock()
         data.update(started_at=started, completed_at=done, duration_ms=int((done - started) * 1000))
-        await self.store.run(
+        await self._write(
             self.runs.put_step,
             run_id,
             step_no,
@@ -536,14 +554,14 @@ class AgentEngine:
                 "segment_started_at": None,
             }
             summary = dataclasses.replace(row, **values).to_openai()
-            await self.store.run(
+            await self._write(
                 self.runs.advance, run_id, expect, values, [("run.requires_action", {"run": summary})]
             )
             return {"phase": "wait", "step": step_no, "tools": []}
         messages = loads(row.messages)
         messages.extend(tool_message(s.data["tool_call_id"], tool_result(s.data)) for s in round_steps)
         values = {"messages": dumps(messages), "phase": "model"}
-        await self.store.run(self.runs.advance, run_id, expect, values)
+        await self._write(self.runs.advance, run_id, expect, values)
         return {"phase": "model", "step": step_no, "tools": []}
 
 

@@ -11,7 +11,6 @@ Every route is scoped to the caller's tenant: another tenant's run is a 404.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ from tail_service.errors import (
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    StreamTimeoutError,
     TailError,
 )
 from tail_service.schemas.agentic import SAMPLING_FIELDS, AgenticRequest, SubmitRequest
@@ -47,6 +47,8 @@ _LOCATION_FIELDS = ("server_url", "url", "command", "headers", "env", "connector
 _END_TYPES = frozenset(END_EVENTS.values())
 #: longest wait between two looks at a run being waited for
 _MAX_POLL = 0.5
+#: the fastest look at the store while the workers' notices wake the waits
+_NOTIFIED_POLL = 0.25
 #: seconds of quiet after which the looks slow down (from ``agent.watch_poll`` to ``_MAX_POLL``)
 _QUIET = 2.0
 
@@ -258,41 +260,53 @@ async def until_resting(services: Services, run_id: str) -> None:
     active = time.monotonic()
     deadline = active + services.settings.server.request_timeout
     seen = -1
-    while time.monotonic() < deadline:
-        row = await services.store.run(runs.get_any, run_id)
-        if row is None or row.status in RESTING:
-            return
-        if row.next_seq != seen:  # something happened: keep looking often
-            seen, active = row.next_seq, time.monotonic()
-        await asyncio.sleep(_poll(services, active))
+    with services.run_watch.watch(run_id) as pause:
+        while time.monotonic() < deadline:
+            row = await services.store.run(runs.get_any, run_id)
+            if row is None or row.status in RESTING:
+                return
+            if row.next_seq != seen:  # something happened: keep looking often
+                seen, active = row.next_seq, time.monotonic()
+            await pause(_poll(services, active))
 
 
 async def events_of(services: Services, run_id: str, after: int) -> AsyncGenerator[tuple[str, bytes], None]:
     """The run's events numbered above ``after``, as they are stored, up to the next event
-    that ends a stream; or none if the run rests and has nothing newer."""
+    that ends a stream; or none if the run rests and has nothing newer. A stream still open
+    at the server's request timeout ends with an error that says how to resume it."""
     runs = runs_of(services)
     active = time.monotonic()
     deadline = active + services.settings.server.request_timeout
-    while time.monotonic() < deadline:
-        found = await services.store.run(runs.events, run_id, after)
-        for seq, kind, data in found:
-            after = seq
-            yield kind, data
-            if kind in _END_TYPES:
+    with services.run_watch.watch(run_id) as pause:
+        while True:
+            found = await services.store.run(runs.events, run_id, after)
+            for seq, kind, data in found:
+                after = seq
+                yield kind, data
+                if kind in _END_TYPES:
+                    return
+            if found:
+                active = time.monotonic()
+                continue
+            row = await services.store.run(runs.get_any, run_id)
+            if row is None or (row.status in RESTING and row.next_seq - 1 <= after):
                 return
-        if found:
-            active = time.monotonic()
-            continue
-        row = await services.store.run(runs.get_any, run_id)
-        if row is None or (row.status in RESTING and row.next_seq - 1 <= after):
-            return
-        await asyncio.sleep(_poll(services, active))
+            if time.monotonic() >= deadline:
+                raise StreamTimeoutError(
+                    f"The event stream reached this server's limit of "
+                    f"{services.settings.server.request_timeout:g} s; the run goes on. Resume "
+                    f"the stream after the last event received (sequence number {after})."
+                )
+            await pause(_poll(services, active))
 
 
 def _poll(services: Services, since: float) -> float:
     """How long to wait before the next look: ``agent.watch_poll`` while the run was
-    active in the last ``_QUIET`` seconds, then slower."""
+    active in the last ``_QUIET`` seconds, then slower; with the workers' notices heard,
+    the look is only the fallback for a lost one."""
     fast = services.settings.agent.watch_poll
+    if services.run_watch.notified:
+        fast = max(fast, _NOTIFIED_POLL)
     return fast if time.monotonic() - since < _QUIET else max(fast, _MAX_POLL)
 
 

@@ -38,7 +38,9 @@ from tail_service.batch.engine import BatchEngine
 from tail_service.clients.auth import AuthClient
 from tail_service.clients.grpc_channel import ReloadingChannel
 from tail_service.clients.mcp import McpClient
-from tail_service.core.agent import AGENT_WAKE_CHANNEL
+from tail_service.clients.redis_pipe import PipelinedRedis
+from tail_service.clients.redis_pubsub import listen, publisher
+from tail_service.core.agent import AGENT_WAKE_CHANNEL, RUN_EVENTS_CHANNEL
 from tail_service.db import normalize_url
 from tail_service.settings import Settings
 
@@ -80,7 +82,9 @@ async def _start_runs_loop(settings: Settings, start_runs: Callable[[], Awaitabl
     wake = asyncio.Event()
     listener = None
     if settings.redis.url and not settings.redis.cluster:
-        listener = asyncio.create_task(_listen_for_runs(settings.redis.url, wake))
+        listener = asyncio.create_task(
+            listen(settings.redis.url, AGENT_WAKE_CHANNEL, lambda _message: wake.set(), what="new agent runs")
+        )
     try:
         while True:
             with contextlib.suppress(TimeoutError):
@@ -93,29 +97,6 @@ async def _start_runs_loop(settings: Settings, start_runs: Callable[[], Awaitabl
     finally:
         if listener is not None:
             listener.cancel()
-
-
-async def _listen_for_runs(url: str, wake: asyncio.Event) -> None:
-    """Set ``wake`` on each notice of a new run (reconnecting, with a pause, when Redis
-    goes away; meanwhile the store poll starts runs)."""
-    import redis.asyncio as aioredis
-
-    while True:
-        client = aioredis.from_url(url)
-        try:
-            async with client.pubsub() as pubsub:
-                await pubsub.subscribe(AGENT_WAKE_CHANNEL)
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
-                    if message is not None:
-                        wake.set()
-        except Exception as exc:
-            log.warning(
-                "not listening for new agent runs (%s); polling the store meanwhile", type(exc).__name__
-            )
-        finally:
-            await client.aclose()
-        await asyncio.sleep(1.0)
 
 
 async def _stop_dbos() -> None:
@@ -155,6 +136,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             mcp,
             default_max_tokens=settings.ratelimit.default_max_tokens,
             tracer=core.tracer,
+            # the HTTP side's waits and streams hear of each new event at once
+            notify=publisher(core.redis_client, RUN_EVENTS_CHANNEL)
+            if isinstance(core.redis_client, PipelinedRedis)
+            else None,
         )
         me = executor_id(settings)
         config = workflows.dbos_config(system_database_url(settings), me, settings.log_level)

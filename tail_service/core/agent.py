@@ -18,6 +18,8 @@ from tail_service.errors import InvalidRequestError
 
 #: the Redis channel the HTTP service publishes on when a run waits to start
 AGENT_WAKE_CHANNEL = "tail:agent:wake"
+#: the Redis channel a worker publishes a run's id on when it stored new events of the run
+RUN_EVENTS_CHANNEL = "tail:agent:events"
 #: statuses after which nothing changes any more
 TERMINAL = frozenset({"completed", "failed", "cancelled", "incomplete"})
 #: statuses a waiting client returns on
