@@ -256,6 +256,12 @@ async def create_response(request: Request) -> Response:
         return await _stream(request, services, row.id)
     if not agentic["background"]:
         await race_disconnect(request.receive, until_resting(services, row.id))
+        runs = runs_of(services)
+        ended = await services.store.run(runs.get_any, row.id)
+        refused = ended and rx.refusal(ended.status, ended.model_calls, loads(ended.error))
+        if refused:  # as OpenAI answers a bad request: a 400, and no response is kept
+            await services.store.run(runs.delete, principal.tenant, row.id)
+            raise InvalidRequestError(refused["message"], param=refused["param"], code=refused["code"])
     return json_response(await _snapshot(services, row.id))
 
 

@@ -507,8 +507,27 @@ def error_object(error: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """A run's error in the Responses API's shape (its ``code`` is one of the spec's)."""
     if not error:
         return None
-    code = "rate_limit_exceeded" if "rate_limit" in str(error.get("code") or "") else "server_error"
+    if "rate_limit" in str(error.get("code") or ""):
+        code = "rate_limit_exceeded"
+    elif error.get("type") == "invalid_request_error":  # the model's side refused the request
+        code = "invalid_prompt"
+    else:
+        code = "server_error"
     return {"code": code, "message": str(error.get("message") or "The response failed.")}
+
+
+def refusal(status: str, model_calls: int, error: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The OpenAI error body of a request the model's side refused outright (its first model
+    call was an ``invalid_request_error``), which a waiting client gets as a 400, as from
+    OpenAI; ``None`` for any other outcome."""
+    if status != "failed" or model_calls or not error or error.get("type") != "invalid_request_error":
+        return None
+    return {
+        "message": str(error.get("message") or "The request was refused."),
+        "type": "invalid_request_error",
+        "param": error.get("param"),
+        "code": error.get("code"),
+    }
 
 
 def iter_text(output: Sequence[Mapping[str, Any]]) -> Iterator[str]:

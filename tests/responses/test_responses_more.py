@@ -12,12 +12,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 
+from tail_service.store import Store
+from tail_service.store.schema import agent_runs
 from tests.agent.scripted import agent_script
 from tests.batch.fixtures import run_worker
 from tests.conftest import UPSTREAM_KEY_ENV, RunningApp, model_entry, serve_app
 from tests.fakes.anthropic_upstream import FakeAnthropic, start_anthropic_upstream
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.openai_upstream import REJECT_CONTENT, FakeOpenAI
 from tests.stack_fixtures import Stack
 
 pytestmark = pytest.mark.slow
@@ -106,6 +109,33 @@ def test_a_stream_cut_upstream_ends_failed_and_the_sdk_raises(
         upstream.cut_stream_next(1, after_chunks=2)
         resp = client.responses.create(model="gpt-test", input="one two three four five six seven")
         assert resp.status == "failed" and resp.error is not None and resp.error.code == "server_error"
+
+
+def test_a_request_the_upstream_refuses_is_a_400_and_leaves_no_response(
+    make_app: Callable[..., RunningApp], upstream: FakeOpenAI
+) -> None:
+    """As from OpenAI: a request refused outright is a ``BadRequestError`` (not a ``failed``
+    response the SDK returns as a success), and nothing is stored under an id the client
+    never got. Streamed, it is ``response.failed`` with the spec's ``invalid_prompt`` code."""
+    app = make_app([model_entry("gpt-test", upstream, max_retries=0)])
+    with run_worker(app.settings):
+        client = app.strict_client()
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model="gpt-test", input=REJECT_CONTENT)
+        error = caught.value.body
+        assert isinstance(error, dict) and error["param"] == "messages" and error["code"] == "invalid_value"
+        assert "rejects this request" in error["message"]
+        store = Store(app.settings.store, app.settings.state_dir)
+        try:
+            with store.engine.connect() as conn:
+                assert conn.execute(sa.select(sa.func.count()).select_from(agent_runs)).scalar() == 0
+        finally:
+            store.close()
+        with client.responses.stream(model="gpt-test", input=REJECT_CONTENT) as stream:
+            events = list(stream)
+        failed = events[-1]
+        assert failed.type == "response.failed", [e.type for e in events]
+        assert failed.response.error is not None and failed.response.error.code == "invalid_prompt"
 
 
 def test_background_response_and_cancel(make_app: Callable[..., RunningApp], upstream: FakeOpenAI) -> None:
