@@ -173,6 +173,7 @@ async def start_run(
     extra_sampling: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     steps: Sequence[NewStep] = (),
+    unstored: bool = False,
 ) -> tuple[RunRow, AgenticRequest]:
     """Validate an agentic request ``body`` and store it as a queued run (with ``steps``
     already planned: the run then starts with them). Other front ends (the Responses
@@ -225,6 +226,7 @@ async def start_run(
         "segment": 0,
         "metadata": dumps(req.metadata) if req.metadata else None,
         "created_at": int(time.time()),
+        "unstored": unstored,
     }
     if steps:  # a run that starts with tool calls (approved in the request that made it)
         values.update(phase="tools", next_step=len(steps))

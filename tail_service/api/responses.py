@@ -243,6 +243,12 @@ async def create_response(request: Request) -> Response:
         previous_response_id=previous,
         input_items=rx.input_items(body["input"]),
     )
+    unstored = body.get("store") is False
+    if unstored and agentic["background"]:
+        raise InvalidRequestError(
+            "Background responses must be stored: 'store' may not be false with 'background'.",
+            param="store",
+        )
     row, _ = await start_run(
         services,
         principal,
@@ -251,21 +257,29 @@ async def create_response(request: Request) -> Response:
         extra_sampling=passthrough,
         extra={"responses": meta},
         steps=steps,
+        unstored=unstored,
     )
     if agentic["stream"]:
-        return await _stream(request, services, row.id)
+        return await _stream(request, services, row.id, forget_after=unstored)
+    runs = runs_of(services)
     if not agentic["background"]:
         await race_disconnect(request.receive, until_resting(services, row.id))
-        runs = runs_of(services)
         ended = await services.store.run(runs.get_any, row.id)
         refused = ended and rx.refusal(ended.status, ended.model_calls, loads(ended.error))
         if refused:  # as OpenAI answers a bad request: a 400, and no response is kept
             await services.store.run(runs.delete, principal.tenant, row.id)
             raise InvalidRequestError(refused["message"], param=refused["param"], code=refused["code"])
-    return json_response(await _snapshot(services, row.id))
+    snapshot = await _snapshot(services, row.id)
+    if unstored:  # answered: nobody may read it again
+        await services.store.run(runs.delete, principal.tenant, row.id)
+    return json_response(snapshot)
 
 
-async def _translated(services: Services, run_id: str, after: int) -> AsyncGenerator[tuple[str, bytes], None]:
+async def _translated(
+    services: Services, run_id: str, after: int, *, forget_after: bool = False
+) -> AsyncGenerator[tuple[str, bytes], None]:
+    """The run's events as the Responses API's; ``forget_after``: the run is deleted once
+    its stream has ended (``store: false``)."""
     translator = rx.StreamTranslator(run_id)
     seq = 0
     async for kind, data in events_of(services, run_id, after):
@@ -279,6 +293,10 @@ async def _translated(services: Services, run_id: str, after: int) -> AsyncGener
         for name, fields in translator.feed(kind, event, snapshot):
             yield name, orjson.dumps({"type": name, "sequence_number": seq, **fields})
             seq += 1
+    if forget_after:
+        row = await services.store.run(runs_of(services).get_any, run_id)
+        if row is not None:
+            await services.store.run(runs_of(services).delete, row.tenant, run_id)
 
 
 def _error_frame(exc: BaseException, rid: str) -> bytes:
@@ -293,8 +311,11 @@ def _error_frame(exc: BaseException, rid: str) -> bytes:
     return b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def _stream(request: Request, services: Services, run_id: str) -> Response:
-    return await sse_events(request, services, _translated(services, run_id, -1), _error_frame)
+async def _stream(
+    request: Request, services: Services, run_id: str, *, forget_after: bool = False
+) -> Response:
+    events = _translated(services, run_id, -1, forget_after=forget_after)
+    return await sse_events(request, services, events, _error_frame)
 
 
 async def _owned(request: Request) -> tuple[Services, Principal, RunRow]:
@@ -308,7 +329,7 @@ async def _owned(request: Request) -> tuple[Services, Principal, RunRow]:
 
 
 def _stored(row: RunRow) -> bool:
-    return bool((loads(row.request).get("responses") or {}).get("store", True))
+    return not row.unstored and bool((loads(row.request).get("responses") or {}).get("store", True))
 
 
 async def retrieve_response(request: Request) -> Response:

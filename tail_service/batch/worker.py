@@ -50,6 +50,8 @@ log = logging.getLogger("tail_service.worker")
 START_POLL = 0.5
 #: seconds between purges of expired files
 PURGE_INTERVAL = 60.0
+#: seconds past the request timeout after which a ``store: false`` response is purged
+UNSTORED_GRACE = 60.0
 
 
 def executor_id(settings: Settings) -> str:
@@ -183,6 +185,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             removed = await store.run(files.purge_expired, int(time.time()))
             if removed:
                 log.info("purged %d expired files", removed)
+            # responses with ``store: false`` whose HTTP call may no longer be waiting (it
+            # deletes them itself once answered; these are what a crash or a gone client left)
+            unread = int(time.time() - settings.server.request_timeout - UNSTORED_GRACE)
+            while (gone := await store.run(agent.runs.purge_unstored, unread)) > 0:
+                log.info("purged %d responses created with store: false", gone)
 
         await beat()
         loops = [
@@ -190,7 +197,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             asyncio.create_task(_every(START_POLL, "starting new batches", start_new)),
             asyncio.create_task(_start_runs_loop(settings, start_runs)),
             asyncio.create_task(_every(settings.batch.dead_after / 3, "taking over dead workers", take_over)),
-            asyncio.create_task(_every(PURGE_INTERVAL, "purging expired files", purge)),
+            asyncio.create_task(
+                _every(PURGE_INTERVAL, "purging expired files and unstored responses", purge)
+            ),
         ]
         for task in loops:
             closers.task("a worker loop", task)

@@ -69,6 +69,7 @@ class RunRow:
     created_at: int
     started_at: int | None
     completed_at: int | None
+    unstored: bool
 
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> RunRow:
@@ -159,6 +160,23 @@ class AgentStore:
                 conn.execute(sa.delete(agent_steps).where(agent_steps.c.run_id == run_id))
                 conn.execute(sa.delete(agent_events).where(agent_events.c.run_id == run_id))
         return bool(gone)
+
+    def purge_unstored(self, before: int, limit: int = 500) -> int:
+        """Delete up to ``limit`` runs marked ``unstored`` created before ``before`` (with
+        their steps and events); how many went."""
+        with self._engine.begin() as conn:
+            ids = list(
+                conn.execute(
+                    sa.select(agent_runs.c.id)
+                    .where(agent_runs.c.unstored.is_(True), agent_runs.c.created_at < before)
+                    .limit(limit)
+                ).scalars()
+            )
+            if ids:
+                conn.execute(sa.delete(agent_steps).where(agent_steps.c.run_id.in_(ids)))
+                conn.execute(sa.delete(agent_events).where(agent_events.c.run_id.in_(ids)))
+                conn.execute(sa.delete(agent_runs).where(agent_runs.c.id.in_(ids)))
+        return len(ids)
 
     def get_any(self, run_id: str) -> RunRow | None:
         with self._engine.connect() as conn:

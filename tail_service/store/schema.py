@@ -167,8 +167,12 @@ agent_runs = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("started_at", sa.BigInteger, nullable=True),
     sa.Column("completed_at", sa.BigInteger, nullable=True),
+    #: a response created with ``store: false``: nobody may read it back, so it is deleted
+    #: once answered (or, at the latest, by a worker once its request timeout has passed)
+    sa.Column("unstored", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_agent_runs_tenant_created", "tenant", "created_at", "id"),
     sa.Index("ix_agent_runs_start", "started_segment", "segment"),
+    sa.Index("ix_agent_runs_unstored", "unstored", "created_at"),
 )
 
 agent_steps = sa.Table(
@@ -242,4 +246,13 @@ def _v3(conn: Connection) -> None:
     metadata.create_all(conn, tables=[usage_records])
 
 
-MIGRATIONS: list[Migration] = [_v1, _v2, _v3]
+def _v4(conn: Connection) -> None:
+    """``agent_runs.unstored`` (a store that ran ``_v2`` with today's table has it already)."""
+    if "unstored" not in {c["name"] for c in sa.inspect(conn).get_columns("agent_runs")}:
+        conn.execute(sa.text("ALTER TABLE agent_runs ADD COLUMN unstored BOOLEAN NOT NULL DEFAULT false"))
+    for index in agent_runs.indexes:
+        if index.name == "ix_agent_runs_unstored":
+            index.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4]

@@ -111,6 +111,45 @@ def test_a_stream_cut_upstream_ends_failed_and_the_sdk_raises(
         assert resp.status == "failed" and resp.error is not None and resp.error.code == "server_error"
 
 
+def _runs_kept(app: RunningApp) -> int:
+    """How many agent runs (responses among them) the gateway's store holds."""
+    store = Store(app.settings.store, app.settings.state_dir)
+    try:
+        with store.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(agent_runs)).scalar_one())
+    finally:
+        store.close()
+
+
+def test_store_false_responses_are_answered_then_forgotten(
+    make_app: Callable[..., RunningApp], upstream: FakeOpenAI
+) -> None:
+    """``store: false``: the answer comes as usual, then nothing of it is kept (no row, no
+    steps, no events), it cannot be read back or continued, and it cannot be a background
+    response (whose result could never be fetched)."""
+    upstream.script = agent_script
+    app = make_app([model_entry("gpt-test", upstream)])
+    with run_worker(app.settings):
+        client = app.strict_client()
+        resp = client.responses.create(model="gpt-test", input="keep this quiet", store=False)
+        assert resp.status == "completed" and resp.output_text == "Answer: keep this quiet" and not resp.store
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(resp.id)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model="gpt-test", input="more", previous_response_id=resp.id)
+        assert caught.value.code == "previous_response_not_found"
+        with client.responses.stream(model="gpt-test", input="and this", store=False) as stream:
+            final = stream.get_final_response()
+        assert final.output_text == "Answer: and this"
+        assert _runs_kept(app) == 0
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model="gpt-test", input="later", store=False, background=True)
+        assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "store"
+        stored = client.responses.create(model="gpt-test", input="keep this")
+        assert client.responses.retrieve(stored.id).output_text == "Answer: keep this"
+        assert _runs_kept(app) == 1
+
+
 def test_a_request_the_upstream_refuses_is_a_400_and_leaves_no_response(
     make_app: Callable[..., RunningApp], upstream: FakeOpenAI
 ) -> None:
@@ -125,12 +164,7 @@ def test_a_request_the_upstream_refuses_is_a_400_and_leaves_no_response(
         error = caught.value.body
         assert isinstance(error, dict) and error["param"] == "messages" and error["code"] == "invalid_value"
         assert "rejects this request" in error["message"]
-        store = Store(app.settings.store, app.settings.state_dir)
-        try:
-            with store.engine.connect() as conn:
-                assert conn.execute(sa.select(sa.func.count()).select_from(agent_runs)).scalar() == 0
-        finally:
-            store.close()
+        assert _runs_kept(app) == 0
         with client.responses.stream(model="gpt-test", input=REJECT_CONTENT) as stream:
             events = list(stream)
         failed = events[-1]
