@@ -114,13 +114,14 @@ class _BearerGate:
 class RunningMcpServer:
     """The test server over streamable HTTP, served by uvicorn on 127.0.0.1 in a background thread."""
 
-    def __init__(self, *, token: str | None = None, counts_file: Path | None = None) -> None:
+    def __init__(self, *, token: str | None = None, counts_file: Path | None = None, port: int = 0) -> None:
         self._counts = _Counts(counts_file)
         app: Any = build_server(self._counts).streamable_http_app()
         if token is not None:
             app = _BearerGate(app, token)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ``port``: a restart
+        self._sock.bind(("127.0.0.1", port))
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         config = uvicorn.Config(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,27 @@ def token_server() -> Iterator[RunningMcpServer]:
         yield srv
 
 
-def client(*entries: McpServerEntry, tool_timeout: float = 10.0, max_output_bytes: int = 65536) -> McpClient:
-    return McpClient(entries, tool_timeout=tool_timeout, max_output_bytes=max_output_bytes)
+@pytest.fixture
+async def client() -> AsyncIterator[Callable[..., McpClient]]:
+    """``client(*entries, **options)`` makes an McpClient; each is closed after the test
+    (its sessions, and so its stdio children)."""
+    made: list[McpClient] = []
+
+    def make(
+        *entries: McpServerEntry,
+        tool_timeout: float = 10.0,
+        max_output_bytes: int = 65536,
+        idle_timeout: float = 60.0,
+    ) -> McpClient:
+        mcp = McpClient(
+            entries, tool_timeout=tool_timeout, max_output_bytes=max_output_bytes, idle_timeout=idle_timeout
+        )
+        made.append(mcp)
+        return mcp
+
+    yield make
+    for mcp in made:
+        await mcp.aclose()
 
 
 def stdio_entry(counts_file: Path | None = None, **kw: Any) -> McpServerEntry:
@@ -77,7 +98,7 @@ def free_port() -> int:
     return port
 
 
-async def test_list_tools_over_http(http_server: RunningMcpServer) -> None:
+async def test_list_tools_over_http(http_server: RunningMcpServer, client: Callable[..., McpClient]) -> None:
     specs = await client(McpServerEntry(name="web", url=http_server.url)).list_tools("web")
     by_name = {s.name: s for s in specs}
     assert set(by_name) == TOOLS
@@ -91,7 +112,7 @@ async def test_list_tools_over_http(http_server: RunningMcpServer) -> None:
     assert by_name["lookup"].parameters["properties"]["city"]["type"] == "string"
 
 
-async def test_call_tools_over_http(http_server: RunningMcpServer) -> None:
+async def test_call_tools_over_http(http_server: RunningMcpServer, client: Callable[..., McpClient]) -> None:
     mcp = client(McpServerEntry(name="web", url=http_server.url))
     before = http_server.counts()
     assert await mcp.call_tool("web", "add", {"a": 2, "b": 3.5}) == "5.5"
@@ -102,7 +123,7 @@ async def test_call_tools_over_http(http_server: RunningMcpServer) -> None:
     await mcp.aclose()
 
 
-async def test_tool_errors_over_http(http_server: RunningMcpServer) -> None:
+async def test_tool_errors_over_http(http_server: RunningMcpServer, client: Callable[..., McpClient]) -> None:
     mcp = client(McpServerEntry(name="web", url=http_server.url))
     with pytest.raises(ToolError, match="unknown city Atlantis"):
         await mcp.call_tool("web", "lookup", {"city": "Atlantis"})
@@ -112,7 +133,7 @@ async def test_tool_errors_over_http(http_server: RunningMcpServer) -> None:
         await mcp.call_tool("web", "nope", {})
 
 
-async def test_stdio_calls_and_counts(tmp_path: Path) -> None:
+async def test_stdio_calls_and_counts(tmp_path: Path, client: Callable[..., McpClient]) -> None:
     counts = tmp_path / "counts.json"
     mcp = client(stdio_entry(counts))
     assert {s.name for s in await mcp.list_tools("local")} == TOOLS
@@ -123,12 +144,58 @@ async def test_stdio_calls_and_counts(tmp_path: Path) -> None:
     )
     with pytest.raises(ToolError, match="unknown city Nowhere"):
         await mcp.call_tool("local", "lookup", {"city": "Nowhere"})
-    # each call was its own child process, and the env reached it
-    assert read_counts(counts) == {"lookup": 1}
-    assert stdio_children() == []
+    # one child process served every call (its counts add up), and the env reached it
+    assert read_counts(counts) == {"add": 1, "lookup": 2}
+    assert len(stdio_children()) == 1
+    await mcp.aclose()
+    assert stdio_children() == []  # stopped and reaped
 
 
-async def test_http_timeout(http_server: RunningMcpServer) -> None:
+async def test_one_session_serves_concurrent_calls(tmp_path: Path, client: Callable[..., McpClient]) -> None:
+    counts = tmp_path / "counts.json"
+    mcp = client(stdio_entry(counts))
+    results = await asyncio.gather(*(mcp.call_tool("local", "slow", {"seconds": 0.2}) for _ in range(8)))
+    assert results == ["slept 0.2"] * 8
+    assert read_counts(counts) == {"slow": 8} and len(stdio_children()) == 1
+
+
+async def test_a_dead_stdio_child_is_replaced_on_the_next_call(
+    tmp_path: Path, client: Callable[..., McpClient]
+) -> None:
+    mcp = client(stdio_entry(tmp_path / "counts.json"))
+    assert await mcp.call_tool("local", "add", {"a": 1, "b": 1}) == "2"
+    (first,) = stdio_children()
+    os.kill(first, signal.SIGKILL)
+    assert await mcp.call_tool("local", "add", {"a": 2, "b": 2}) == "4"
+    (second,) = stdio_children()
+    assert second != first
+
+
+async def test_an_http_server_restart_is_survived(client: Callable[..., McpClient]) -> None:
+    """The pooled session dies with the server; the next call opens a new one."""
+    port = free_port()
+    with RunningMcpServer(port=port) as first:
+        mcp = client(McpServerEntry(name="web", url=first.url))
+        assert await mcp.call_tool("web", "add", {"a": 1, "b": 1}) == "2"
+    with pytest.raises(ToolError, match="unreachable"):
+        await mcp.call_tool("web", "add", {"a": 1, "b": 1})
+    with RunningMcpServer(port=port) as second:
+        assert await mcp.call_tool("web", "add", {"a": 2, "b": 2}) == "4"
+        assert second.counts() == {"add": 1}
+
+
+async def test_an_idle_session_closes(tmp_path: Path, client: Callable[..., McpClient]) -> None:
+    mcp = client(stdio_entry(tmp_path / "counts.json"), idle_timeout=0.5)
+    assert await mcp.call_tool("local", "add", {"a": 1, "b": 1}) == "2"
+    assert len(stdio_children()) == 1
+    deadline = time.monotonic() + 15
+    while stdio_children():
+        assert time.monotonic() < deadline, "the idle session's child is still running"
+        await asyncio.sleep(0.1)
+    assert await mcp.call_tool("local", "add", {"a": 2, "b": 2}) == "4"  # and opens again
+
+
+async def test_http_timeout(http_server: RunningMcpServer, client: Callable[..., McpClient]) -> None:
     mcp = client(McpServerEntry(name="web", url=http_server.url, timeout=0.5))
     started = time.monotonic()
     with pytest.raises(ToolError, match=r"MCP server 'web' did not answer within 0\.5 s"):
@@ -136,18 +203,22 @@ async def test_http_timeout(http_server: RunningMcpServer) -> None:
     assert time.monotonic() - started < 3
 
 
-async def test_stdio_timeout_reaps_the_child(tmp_path: Path) -> None:
+async def test_stdio_timeout_leaves_the_session_and_close_reaps_the_child(
+    tmp_path: Path, client: Callable[..., McpClient]
+) -> None:
     counts = tmp_path / "counts.json"
     mcp = client(stdio_entry(counts), tool_timeout=2.0)
     started = time.monotonic()
     with pytest.raises(ToolError, match="did not answer within 2 s"):
         await mcp.call_tool("local", "slow", {"seconds": 30})
-    assert time.monotonic() - started < 8  # 2 s, plus the SDK's bounded shutdown of the child
+    assert time.monotonic() - started < 8
     assert read_counts(counts) == {"slow": 1}  # it was running the tool when it timed out
+    assert await mcp.call_tool("local", "add", {"a": 1, "b": 2}) == "3"  # the session goes on
+    await mcp.aclose()
     assert stdio_children() == []
 
 
-async def test_server_down(caplog: pytest.LogCaptureFixture) -> None:
+async def test_server_down(caplog: pytest.LogCaptureFixture, client: Callable[..., McpClient]) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp?token={TOKEN}"
     mcp = client(McpServerEntry(name="down", url=url))
@@ -166,14 +237,16 @@ async def test_server_down(caplog: pytest.LogCaptureFixture) -> None:
     assert any("down" in r.getMessage() for r in caplog.records)
 
 
-async def test_missing_stdio_command() -> None:
+async def test_missing_stdio_command(client: Callable[..., McpClient]) -> None:
     mcp = client(McpServerEntry(name="gone", command=("/nonexistent/mcp-server", "--flag")))
     with pytest.raises(ToolError, match="MCP server 'gone' is unreachable") as err:
         await mcp.call_tool("gone", "add", {})
     assert "nonexistent" not in str(err.value)
 
 
-async def test_bearer_token(token_server: RunningMcpServer, caplog: pytest.LogCaptureFixture) -> None:
+async def test_bearer_token(
+    token_server: RunningMcpServer, caplog: pytest.LogCaptureFixture, client: Callable[..., McpClient]
+) -> None:
     good = McpServerEntry(
         name="auth", url=token_server.url, headers={"Authorization": SecretStr(f"Bearer {TOKEN}")}
     )
@@ -200,7 +273,7 @@ async def test_bearer_token(token_server: RunningMcpServer, caplog: pytest.LogCa
     assert TOKEN not in repr(good) and TOKEN not in repr(client(good))
 
 
-async def test_output_truncated(http_server: RunningMcpServer) -> None:
+async def test_output_truncated(http_server: RunningMcpServer, client: Callable[..., McpClient]) -> None:
     mcp = client(McpServerEntry(name="web", url=http_server.url), max_output_bytes=1000)
     out = await mcp.call_tool("web", "big", {"n": 100_000})
     body, marker = out.split("\n[output truncated: ", 1)
@@ -233,7 +306,7 @@ def test_render_result_blocks() -> None:
     assert render_result(both) == "21.5 C"
 
 
-async def test_unknown_server() -> None:
+async def test_unknown_server(client: Callable[..., McpClient]) -> None:
     mcp = client(McpServerEntry(name="web", url="http://127.0.0.1:9/mcp"))
     assert mcp.configured("web")
     assert not mcp.configured("other")
