@@ -297,7 +297,7 @@ async def events_of(services: Services, run_id: str, after: int) -> AsyncGenerat
                 raise StreamTimeoutError(
                     f"The event stream reached this server's limit of "
                     f"{services.settings.server.request_timeout:g} s; the run goes on. Resume "
-                    f"the stream after the last event received (sequence number {after})."
+                    "the stream after the last sequence_number received."
                 )
             await pause(_poll(services, active))
 

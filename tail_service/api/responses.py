@@ -276,10 +276,11 @@ async def create_response(request: Request) -> Response:
 
 
 async def _translated(
-    services: Services, run_id: str, after: int, *, forget_after: bool = False
+    services: Services, run_id: str, after: int, *, starting_after: int = -1, forget_after: bool = False
 ) -> AsyncGenerator[tuple[str, bytes], None]:
-    """The run's events as the Responses API's; ``forget_after``: the run is deleted once
-    its stream has ended (``store: false``)."""
+    """The run's events as the Responses API's, from the one numbered above
+    ``starting_after``; ``forget_after``: the run is deleted once its stream has ended
+    (``store: false``)."""
     translator = rx.StreamTranslator(run_id)
     seq = 0
     async for kind, data in events_of(services, run_id, after):
@@ -287,11 +288,14 @@ async def _translated(
         snapshot = None
         if kind in ("run.created", "run.in_progress") or kind in rx.END_EVENTS:
             snapshot = await _snapshot(services, run_id)
+            if kind in ("run.created", "run.in_progress"):
+                snapshot = rx.as_of(snapshot, kind, event.get("run") or {})
             if kind == "run.in_progress":
                 row = await services.store.run(runs_of(services).get_any, run_id)
                 translator.catalog = {t["name"]: t for t in (loads(row.tools) if row else None) or []}
         for name, fields in translator.feed(kind, event, snapshot):
-            yield name, orjson.dumps({"type": name, "sequence_number": seq, **fields})
+            if seq > starting_after:  # the numbering is the same on every replay
+                yield name, orjson.dumps({"type": name, "sequence_number": seq, **fields})
             seq += 1
     if forget_after:
         row = await services.store.run(runs_of(services).get_any, run_id)
@@ -312,9 +316,9 @@ def _error_frame(exc: BaseException, rid: str) -> bytes:
 
 
 async def _stream(
-    request: Request, services: Services, run_id: str, *, forget_after: bool = False
+    request: Request, services: Services, run_id: str, *, starting_after: int = -1, forget_after: bool = False
 ) -> Response:
-    events = _translated(services, run_id, -1, forget_after=forget_after)
+    events = _translated(services, run_id, -1, starting_after=starting_after, forget_after=forget_after)
     return await sse_events(request, services, events, _error_frame)
 
 
@@ -333,10 +337,18 @@ def _stored(row: RunRow) -> bool:
 
 
 async def retrieve_response(request: Request) -> Response:
-    """``GET /v1/responses/{id}`` (``?stream=true`` replays its events)."""
+    """``GET /v1/responses/{id}`` (``?stream=true`` replays its events, and follows them
+    while it runs; ``starting_after=N`` resumes after the event numbered ``N``)."""
     services, _, row = await _owned(request)
     if request.query_params.get("stream") == "true":
-        return await _stream(request, services, row.id)
+        raw = request.query_params.get("starting_after", "-1")
+        starting_after = int(raw) if raw.isdigit() or raw == "-1" else None
+        if starting_after is None or starting_after > 10**9:
+            raise InvalidRequestError(
+                "Invalid 'starting_after': must be a non-negative integer (a sequence_number).",
+                param="starting_after",
+            )
+        return await _stream(request, services, row.id, starting_after=starting_after)
     return json_response(await _snapshot(services, row.id))
 
 

@@ -497,6 +497,23 @@ def response_status(run_status: str) -> str:
     return _STATUS[run_status]
 
 
+def as_of(response: Mapping[str, Any], kind: str, run: Mapping[str, Any]) -> dict[str, Any]:
+    """``response`` (as stored now) as it stood at the stream event ``kind``
+    (``run.created`` or ``run.in_progress``, whose run summary is ``run``): its status then,
+    no usage or outcome yet, and only the output that existed then (none; then the MCP tool
+    lists). A replay, or a reader that lags behind the worker, then sends what a live
+    stream sends: the SDKs build their snapshot from these events."""
+    early = [i for i in response.get("output") or () if i.get("type") == "mcp_list_tools"]
+    return {
+        **response,
+        "status": _STATUS.get(str(run.get("status")), "in_progress"),
+        "output": early if kind == "run.in_progress" else [],
+        "usage": None,
+        "error": None,
+        "incomplete_details": None,
+    }
+
+
 def incomplete_details(reason: str | None, status: str) -> dict[str, Any] | None:
     if status != "incomplete":
         return None

@@ -284,3 +284,13 @@ def test_a_stored_response_replays_its_stream(app: RunningApp) -> None:
     assert r.headers["content-type"].startswith("text/event-stream")
     replayed = [line[len("event: ") :] for line in r.text.splitlines() if line.startswith("event: ")]
     assert replayed == live and live[-1] == "response.completed"
+    # a client that lost the stream after event N picks it up there (the SDK's way)
+    with client.responses.stream(response_id=final.id, starting_after=3) as resumed:
+        rest = list(resumed)
+        assert resumed.get_final_response().output_text == final.output_text
+    assert [e.sequence_number for e in rest] == list(range(4, len(live)))
+    assert [e.type for e in rest] == live[4:]
+    with httpx.Client(base_url=app.base_url, timeout=30) as http:
+        for bad in ("x", "-5", "1.5"):
+            r = http.get(f"/v1/responses/{final.id}", params={"stream": "true", "starting_after": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after", r.text
