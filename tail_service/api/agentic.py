@@ -47,6 +47,8 @@ _LOCATION_FIELDS = ("server_url", "url", "command", "headers", "env", "connector
 _END_TYPES = frozenset(END_EVENTS.values())
 #: longest wait between two looks at a run being waited for
 _MAX_POLL = 0.5
+#: event numbers are 32-bit in the store
+_MAX_SEQ = 2**31 - 1
 #: the fastest look at the store while the workers' notices wake the waits
 _NOTIFIED_POLL = 0.25
 #: seconds of quiet after which the looks slow down (from ``agent.watch_poll`` to ``_MAX_POLL``)
@@ -390,6 +392,7 @@ async def run_events(request: Request) -> Response:
             after = -2
         if after < -1:
             raise InvalidRequestError("Invalid 'after': must be an integer of -1 or more.", param="after")
+        after = min(after, _MAX_SEQ)  # no event is numbered above it (nor may a query say more)
     return await _event_stream(request, services, row.id, after)
 
 

@@ -82,11 +82,16 @@ class McpTool(_Strict):
 AgentTool = Annotated[FunctionTool | BuiltinTool | McpTool, Field(discriminator="type")]
 
 
+#: most tools one request may offer the model (OpenAI's limit for chat completions)
+MAX_TOOLS = 128
+
+
 class AgenticRequest(_Strict):
     model: str = Field(min_length=1, max_length=256)
     messages: list[dict[str, Any]] | None = Field(default=None, min_length=1)
     input: str | None = Field(default=None, min_length=1)
-    tools: list[AgentTool] = Field(default_factory=list)
+    #: OpenAI's own cap; each function tool's schema is checked here
+    tools: list[AgentTool] = Field(default_factory=list, max_length=MAX_TOOLS)
     tool_choice: Any = None
     stream: bool = False
     background: bool = False

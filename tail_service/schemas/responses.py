@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import Field
 
+from tail_service.schemas.agentic import MAX_TOOLS
 from tail_service.schemas.batch import Metadata
 from tail_service.schemas.common import OpenAIModel
 
@@ -17,7 +18,7 @@ class CreateResponseRequest(OpenAIModel):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[dict[str, Any]]
     instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)

@@ -272,6 +272,15 @@ def test_limits_above_the_server_cap_are_refused(agents: Agents) -> None:
         ):
             r = http.post("/v1/agentic", json={"model": "gpt-test", "input": "hi", name: value})
             assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+        # at most 128 tools (OpenAI's cap), on both front ends of the engine
+        tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]
+        r = http.post("/v1/agentic", json={"model": "gpt-test", "input": "hi", "tools": tools})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+        flat = [{"type": "function", "name": f"f{i}"} for i in range(129)]
+        r = http.post("/v1/responses", json={"model": "gpt-test", "input": "hi", "tools": flat})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+        r = http.post("/v1/agentic", json={"model": "gpt-test", "input": "hi", "tools": tools[:128]})
+        assert r.status_code == 200, r.text
 
 
 def test_tool_failures_reach_the_model_and_the_run_ends_cleanly(agents: Agents) -> None:
