@@ -378,6 +378,8 @@ def test_streaming_event_order_and_resume_after_n(agents: Agents) -> None:
         # nothing after the end
         last = events[-1][1]["sequence_number"]
         assert http.get(f"/v1/agentic/{run_id}/events", params={"after": last}).text == ""
+        huge = http.get(f"/v1/agentic/{run_id}/events", params={"after": "9" * 30})
+        assert huge.status_code == 200 and huge.text == ""
         assert http.get(f"/v1/agentic/{run_id}/events", params={"after": "x"}).status_code == 400
 
 
