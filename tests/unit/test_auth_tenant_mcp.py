@@ -1,8 +1,10 @@
-"""A tenant's MCP servers in the key store (SQLite), through the schema upgrade that adds
-them, and in the principals the store gives."""
+"""A tenant's MCP servers: in the key store (SQLite), through the schema upgrade that adds
+them, in the principals the store and the gateway's auth client give, in the principal's
+JSON form that agent runs keep, and in ``Principal.allows_mcp_server``."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -13,7 +15,11 @@ from tail_service.authsvc import store as store_mod
 from tail_service.authsvc.keys import Pepper
 from tail_service.authsvc.records import MAX_MODELS, MAX_TEXT, InvalidKeyArgument, TenantInfo, clean_models
 from tail_service.authsvc.store import KeyStore
+from tail_service.clients.auth import principal_from_proto
+from tail_service.core.auth import principal_from_json, principal_to_json
+from tail_service.core.types import Principal
 from tail_service.db import make_engine, migrate
+from tail_service.proto import auth_pb2
 
 PEPPER = Pepper(b"p" * 32)
 NOW = 1_700_000_000
@@ -148,3 +154,60 @@ def test_upgrade_from_schema_v4_keeps_keys_and_tenants(tmp_path: Path) -> None:
     again = s.verify(api_key)
     assert again is not None and (again.mcp_servers, again.tenant_mcp_servers) == (("docs",), ("docs",))
     engine.dispose()
+
+
+# --- the gateway's principal ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "tenant", "allowed", "refused"),
+    [
+        ((), (), {"a", "b", "c"}, set()),  # no list on either side: every server
+        (("a",), (), {"a"}, {"b", "c"}),
+        ((), ("a",), {"a"}, {"b", "c"}),
+        (("a", "b"), ("b", "c"), {"b"}, {"a", "c", "d"}),  # both lists must allow it
+        (("a",), ("b",), set(), {"a", "b", "c"}),
+        (("a", "b"), ("a", "b"), {"a", "b"}, {"c"}),
+    ],
+)
+def test_allows_mcp_server_needs_the_key_and_its_tenant(
+    key: tuple[str, ...], tenant: tuple[str, ...], allowed: set[str], refused: set[str]
+) -> None:
+    p = Principal(
+        key_id="key_1", tenant="acme", mcp_servers=frozenset(key), tenant_mcp_servers=frozenset(tenant)
+    )
+    assert {name for name in allowed | refused if p.allows_mcp_server(name)} == allowed
+
+
+def test_principal_json_round_trips_the_tenant_servers_and_reads_old_json() -> None:
+    p = Principal(
+        key_id="key_1",
+        tenant="acme",
+        mcp_servers=frozenset({"facts"}),
+        tenant_mcp_servers=frozenset({"search", "facts", "docs"}),
+    )
+    raw = principal_to_json(p)
+    assert json.loads(raw)["tenant_mcp_servers"] == ["docs", "facts", "search"]  # sorted
+    loaded = principal_from_json(raw)
+    assert loaded == p and isinstance(loaded.tenant_mcp_servers, frozenset)
+    assert not loaded.allows_mcp_server("docs") and loaded.allows_mcp_server("facts")
+
+    old = json.loads(
+        principal_to_json(Principal(key_id="key_2", tenant="acme", mcp_servers=frozenset({"x"})))
+    )
+    del old["tenant_mcp_servers"]  # written before tenants had MCP servers
+    before = principal_from_json(json.dumps(old))
+    assert before.tenant_mcp_servers == frozenset() and before.mcp_servers == frozenset({"x"})
+    assert before.allows_mcp_server("x") and not before.allows_mcp_server("y")
+
+
+def test_the_auth_client_reads_the_tenant_servers_of_a_principal() -> None:
+    p = principal_from_proto(
+        auth_pb2.Principal(
+            key_id="key_1", tenant="acme", mcp_servers=["a", "b"], tenant_mcp_servers=["b", "c"]
+        )
+    )
+    assert (p.mcp_servers, p.tenant_mcp_servers) == (frozenset({"a", "b"}), frozenset({"b", "c"}))
+    assert [n for n in "abc" if p.allows_mcp_server(n)] == ["b"]
+    older = principal_from_proto(auth_pb2.Principal(key_id="key_1", tenant="acme"))  # an older auth-service
+    assert older.tenant_mcp_servers == frozenset() and older.allows_mcp_server("anything")
