@@ -8,6 +8,7 @@ directory with ``ca.pem``, ``admin.pem`` and ``admin.key``) say the same explici
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,11 @@ class KeysAdmin:
     def set_tenant_budget(self, tenant: str, usd: float, period: str) -> auth_pb2.TenantInfo:
         req = auth_pb2.SetTenantBudgetRequest(tenant=tenant, budget=auth_pb2.Budget(usd=usd, period=period))
         resp: auth_pb2.SetTenantBudgetResponse = _call(self._stub.SetTenantBudget, req)  # type: ignore[assignment]
+        return resp.tenant
+
+    def set_tenant_mcp_servers(self, tenant: str, servers: Sequence[str]) -> auth_pb2.TenantInfo:
+        req = auth_pb2.SetTenantMcpServersRequest(tenant=tenant, mcp_servers=servers)
+        resp: auth_pb2.SetTenantMcpServersResponse = _call(self._stub.SetTenantMcpServers, req)  # type: ignore[assignment]
         return resp.tenant
 
 

@@ -37,7 +37,9 @@ TlsDirOpt = Annotated[
 ]
 
 keys_app = typer.Typer(help="Create, list, revoke and update API keys (auth-service).", no_args_is_help=True)
-tenants_app = typer.Typer(help="Tenant policy: budgets for all of a tenant's keys.", no_args_is_help=True)
+tenants_app = typer.Typer(
+    help="Tenant policy for all of a tenant's keys: budgets and MCP servers.", no_args_is_help=True
+)
 secrets_app = typer.Typer(help="Provider credentials in secret-service.", no_args_is_help=True)
 certs_app = typer.Typer(help="The development PKI for mutual TLS.", no_args_is_help=True)
 
@@ -148,6 +150,12 @@ BudgetPeriodOpt = Annotated[
 def _budget(b: auth_pb2.Budget, empty: str = "none") -> str:
     """``$5/day``, ``$100/month``, ``$20 total`` (period none), or ``empty`` without a budget."""
     return _spend(b.usd, b.period, empty)
+
+
+def _tenant(info: auth_pb2.TenantInfo) -> str:
+    """``tenant acme: budget $100/month, mcp_servers=docs,search`` (``*``: every configured one)."""
+    servers = ",".join(info.mcp_servers) or "*"
+    return f"tenant {info.tenant}: budget {_budget(info.budget)}, mcp_servers={servers}"
 
 
 def _spend(usd: float, period: str, empty: str = "none") -> str:
@@ -380,7 +388,29 @@ def tenants_budget(
             info = admin.tenant(tenant)
         else:
             info = admin.set_tenant_budget(tenant, budget, budget_period or "")
-    typer.echo(f"tenant {info.tenant}: budget {_budget(info.budget)}")
+    typer.echo(_tenant(info))
+
+
+@tenants_app.command("mcp-servers")
+def tenants_mcp_servers(
+    tenant: Annotated[str, typer.Argument(help="the tenant, as its keys name it")],
+    servers: Annotated[
+        str | None,
+        typer.Argument(help="comma-separated MCP servers all its keys' agent runs may use ('' for all)"),
+    ] = None,
+    state_dir: StateOpt = None,
+    auth_address: AuthAddrOpt = None,
+    tls_dir: TlsDirOpt = None,
+) -> None:
+    """Set the MCP servers of all a tenant's keys, or show them without a list.
+
+    Each key's own list applies too. A change reaches every gateway within about a second."""
+    with _keys(state_dir, auth_address, tls_dir) as admin:
+        if servers is None:
+            info = admin.tenant(tenant)
+        else:
+            info = admin.set_tenant_mcp_servers(tenant, _models(servers))
+    typer.echo(_tenant(info))
 
 
 def _read_value() -> bytes:

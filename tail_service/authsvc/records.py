@@ -85,17 +85,19 @@ class VerifiedKey:
     budget_period: str = "none"
     tenant_budget_usd: float = 0.0  # the tenant's budget, for all its keys together
     tenant_budget_period: str = "none"
+    tenant_mcp_servers: tuple[str, ...] = ()  # the tenant's MCP servers; empty: every configured one
 
 
 @dataclass(frozen=True, slots=True)
 class TenantInfo:
-    """A tenant's policy. Tenants exist as soon as a key names them; one whose budget was
-    never set has budget 0 (none) and ``updated_at`` 0."""
+    """A tenant's policy. Tenants exist as soon as a key names them; one whose policy was
+    never set has budget 0 (none), every MCP server and ``updated_at`` 0."""
 
     tenant: str
     budget_usd: float = 0.0
     budget_period: str = "none"
     updated_at: int = 0
+    mcp_servers: tuple[str, ...] = ()  # for all its keys, with each key's own; empty: every one
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,10 +2,11 @@
 
 Authorization is by the client certificate's identity: ``client_identities`` and
 ``admin_identities`` may verify keys and watch key events; only ``admin_identities`` may
-create, list, revoke and update keys, and read and set tenant budgets. Every failed verification is the same
-``UNAUTHENTICATED: invalid api key``, whether the key is malformed, unknown, revoked or
-expired. Store errors become status codes in one place (:func:`_store_errors`);
-:mod:`.events` feeds the ``WatchKeyEvents`` streams, :mod:`.server` runs the servicer.
+create, list, revoke and update keys, and read and set tenant policy (budgets, MCP
+servers). Every failed verification is the same ``UNAUTHENTICATED: invalid api key``,
+whether the key is malformed, unknown, revoked or expired. Store errors become status
+codes in one place (:func:`_store_errors`); :mod:`.events` feeds the ``WatchKeyEvents``
+streams, :mod:`.server` runs the servicer.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def _pb(message: type[_M], record: KeyInfo | VerifiedKey) -> _M:
 
 def _tenant_pb(info: TenantInfo) -> auth_pb2.TenantInfo:
     budget = auth_pb2.Budget(usd=info.budget_usd, period=info.budget_period)
-    return auth_pb2.TenantInfo(tenant=info.tenant, budget=budget, updated_at=info.updated_at)
+    return auth_pb2.TenantInfo(
+        tenant=info.tenant, budget=budget, updated_at=info.updated_at, mcp_servers=info.mcp_servers
+    )
 
 
 @contextmanager
@@ -178,8 +181,21 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         log.info("tenant budget set", extra={"tenant": info.tenant, **budget, "by": who})
         return auth_pb2.SetTenantBudgetResponse(tenant=_tenant_pb(info))
 
+    def SetTenantMcpServers(
+        self, request: auth_pb2.SetTenantMcpServersRequest, context: Ctx
+    ) -> auth_pb2.SetTenantMcpServersResponse:
+        """Replace the MCP servers a tenant's keys may use (empty: every configured one); each
+        of its keys gets an UPDATED event."""
+        who = require_identity(context, self._admins, "set tenant MCP servers")
+        with _store_errors(context, "SetTenantMcpServers"):
+            info = self._store.set_tenant_mcp_servers(request.tenant, list(request.mcp_servers))
+        self._hub.poke()
+        servers = ",".join(info.mcp_servers) or "*"
+        log.info("tenant mcp servers set", extra={"tenant": info.tenant, "mcp_servers": servers, "by": who})
+        return auth_pb2.SetTenantMcpServersResponse(tenant=_tenant_pb(info))
+
     def GetTenant(self, request: auth_pb2.GetTenantRequest, context: Ctx) -> auth_pb2.GetTenantResponse:
-        """A tenant's policy (no budget if it never had one)."""
+        """A tenant's policy (no budget and every MCP server if it never had one)."""
         require_identity(context, self._admins, "read tenants")
         with _store_errors(context, "GetTenant"):
             info = self._store.get_tenant(request.tenant)

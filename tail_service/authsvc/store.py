@@ -2,9 +2,10 @@
 
 ``api_keys`` holds one row per key: never the key, only its peppered hash (unique) and
 display prefix, with the tenant, allowed models, limits and budget. ``tenants`` holds the
-policy of tenants that have one (a budget); a tenant without a row has none. ``key_events``
-is an append-only log of revocations and updates, written in the same transaction as the
-change (a tenant's budget change logs an update of each of its keys); the
+policy of tenants that have one (a budget, MCP servers); a tenant without a row has no
+budget and every MCP server. ``key_events`` is an append-only log of revocations and
+updates, written in the same transaction as the change (a change of a tenant's policy
+logs an update of each of its keys); the
 auth-service replicas poll it (:class:`~tail_service.authsvc.events.EventCursor`) to push
 cache invalidations to the Tail Services, so a change made through any replica reaches
 every watcher. The records the store returns and the checks on its arguments are in
@@ -46,9 +47,10 @@ from tail_service.db import Migration, migrate
 SERVICE = "auth"
 
 
-def _tables(metadata: sa.MetaData, *, version: int = 4) -> tuple[sa.Table, sa.Table]:
+def _tables(metadata: sa.MetaData, *, version: int = 5) -> tuple[sa.Table, sa.Table]:
     """``api_keys`` and ``key_events`` as of ``version`` (1: as first shipped; 2 adds
-    ``response_cache``; 3 adds ``mcp_servers``; 4 adds the budget, and :func:`_tenants`)."""
+    ``response_cache``; 3 adds ``mcp_servers``; 4 adds the budget, and :func:`_tenants`;
+    5 changes only ``tenants``)."""
     extra = [sa.Column("response_cache", sa.Boolean, nullable=False, server_default=sa.false())]
     extra3 = [sa.Column("mcp_servers", sa.Text, nullable=False, server_default="[]")]
     extra4 = [
@@ -91,8 +93,10 @@ def _tables(metadata: sa.MetaData, *, version: int = 4) -> tuple[sa.Table, sa.Ta
     return api_keys, key_events
 
 
-def _tenants(metadata: sa.MetaData) -> sa.Table:
-    """``tenants`` (schema version 4): one row per tenant whose budget was ever set."""
+def _tenants(metadata: sa.MetaData, *, version: int = 5) -> sa.Table:
+    """``tenants`` as of ``version`` (4: as first shipped; 5 adds ``mcp_servers``): one row
+    per tenant whose policy was ever set."""
+    extra5 = [sa.Column("mcp_servers", sa.Text, nullable=False, server_default="[]")]
     return sa.Table(
         "tenants",
         metadata,
@@ -100,6 +104,7 @@ def _tenants(metadata: sa.MetaData) -> sa.Table:
         sa.Column("budget_usd", sa.Double, nullable=False),
         sa.Column("budget_period", sa.String(8), nullable=False),
         sa.Column("updated_at", sa.BigInteger, nullable=False),
+        *(extra5 if version >= 5 else []),
     )
 
 
@@ -125,15 +130,19 @@ def _v3(conn: Connection) -> None:
 def _v4(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN budget_usd DOUBLE PRECISION NOT NULL DEFAULT 0"))
     conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN budget_period VARCHAR(8) NOT NULL DEFAULT 'none'"))
-    _tenants(sa.MetaData()).create(conn)
+    _tenants(sa.MetaData(), version=4).create(conn)
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3, _v4)
+def _v5(conn: Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE tenants ADD COLUMN mcp_servers TEXT NOT NULL DEFAULT '[]'"))
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1, _v2, _v3, _v4, _v5)
 
 
 def _info(row: sa.Row[Any]) -> KeyInfo:
     m = dict(row._mapping)
-    for extra in ("key_hash", "tenant_budget_usd", "tenant_budget_period"):
+    for extra in ("key_hash", *_TENANT_LABELS):
         m.pop(extra, None)
     return KeyInfo(
         **m
@@ -149,12 +158,18 @@ def _info(row: sa.Row[Any]) -> KeyInfo:
 
 _INFO_COLUMNS = [c for c in API_KEYS.c if c.name != "key_hash"]
 _DUMMY_HASH = "0" * 64
-#: a key's row with its tenant's budget (NULL without a ``tenants`` row): one indexed lookup
+#: the ``tenants`` columns a principal carries, as ``_WITH_TENANT`` labels them
+_TENANT_LABELS = ("tenant_budget_usd", "tenant_budget_period", "tenant_mcp_servers")
+#: a key's row with its tenant's budget and MCP servers (NULL without a ``tenants`` row):
+#: one indexed lookup
 _WITH_TENANT = sa.select(
     API_KEYS,
     TENANTS.c.budget_usd.label("tenant_budget_usd"),
     TENANTS.c.budget_period.label("tenant_budget_period"),
+    TENANTS.c.mcp_servers.label("tenant_mcp_servers"),
 ).select_from(API_KEYS.outerjoin(TENANTS, TENANTS.c.tenant == API_KEYS.c.tenant))
+#: the policy of a tenant whose row is made by setting one part of it
+_NO_TENANT_POLICY = {"budget_usd": 0.0, "budget_period": "none", "mcp_servers": "[]"}
 
 
 class KeyStore:
@@ -361,7 +376,8 @@ class KeyStore:
         return {"budget_usd": new_usd, "budget_period": new_period}
 
     def get_tenant(self, tenant: str) -> TenantInfo:
-        """The policy of ``tenant``; without a ``tenants`` row, no budget (``updated_at`` 0)."""
+        """The policy of ``tenant``; without a ``tenants`` row, no budget and every MCP server
+        (``updated_at`` 0)."""
         name = clean_text("tenant", tenant, required=True)
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(TENANTS).where(TENANTS.c.tenant == name)).first()
@@ -377,29 +393,48 @@ class KeyStore:
         """
         name = clean_text("tenant", tenant, required=True)
         usd, period = clean_budget(budget_usd, budget_period)
-        try:
-            return self._set_tenant_budget(name, usd, period)
-        except sa.exc.IntegrityError:  # another replica made the tenant's row first: update it
-            return self._set_tenant_budget(name, usd, period)
+        return self._set_tenant(name, {"budget_usd": usd, "budget_period": period})
 
-    def _set_tenant_budget(self, name: str, usd: float, period: str) -> TenantInfo:
+    def set_tenant_mcp_servers(self, tenant: str, servers: Sequence[str]) -> TenantInfo:
+        """Replace the MCP servers the agent runs of all of ``tenant``'s keys may use (each
+        key's own list applies as well); an empty list allows every configured one.
+
+        Names are checked like a key's (:func:`~.records.clean_models`). A change records
+        an ``updated`` event for each of the tenant's keys that is not revoked, like
+        :meth:`set_tenant_budget`; setting the list it already has records nothing.
+        """
+        name = clean_text("tenant", tenant, required=True)
+        names = json.dumps(list(clean_models(servers, "mcp_servers")))
+        return self._set_tenant(name, {"mcp_servers": names})
+
+    def _set_tenant(self, name: str, values: dict[str, Any]) -> TenantInfo:
+        """Set ``values`` (columns of ``tenants``) on the tenant's row, made if missing."""
+        try:
+            return self._write_tenant(name, values)
+        except sa.exc.IntegrityError:  # another replica made the tenant's row first: update it
+            return self._write_tenant(name, values)
+
+    def _write_tenant(self, name: str, values: dict[str, Any]) -> TenantInfo:
         now = self._now()
+        where = TENANTS.c.tenant == name
         with self._engine.begin() as conn:
-            old = conn.execute(sa.select(TENANTS).where(TENANTS.c.tenant == name)).first()
-            if old is not None and (old.budget_usd, old.budget_period) == (usd, period):
+            old = conn.execute(sa.select(TENANTS).where(where)).first()
+            if old is not None and all(getattr(old, k) == v for k, v in values.items()):
                 return _tenant_info(name, old)
-            values = {"budget_usd": usd, "budget_period": period, "updated_at": now}
             if old is None:
-                conn.execute(sa.insert(TENANTS).values(tenant=name, **values))
+                conn.execute(
+                    sa.insert(TENANTS).values(tenant=name, **(_NO_TENANT_POLICY | values), updated_at=now)
+                )
             else:
-                conn.execute(sa.update(TENANTS).where(TENANTS.c.tenant == name).values(**values))
+                conn.execute(sa.update(TENANTS).where(where).values(**values, updated_at=now))
             key_ids = conn.execute(
                 sa.select(API_KEYS.c.id).where(API_KEYS.c.tenant == name, API_KEYS.c.revoked.is_(False))
             ).scalars()
             events = [{"key_id": k, "kind": "updated", "created_at": now} for k in key_ids]
             if events:
                 conn.execute(sa.insert(KEY_EVENTS), events)
-        return TenantInfo(name, usd, period, now)
+            row = conn.execute(sa.select(TENANTS).where(where)).one()
+        return _tenant_info(name, row)
 
     def verify(self, api_key: str, now: float | None = None) -> VerifiedKey | None:
         """The principal of a valid key, else ``None``.
@@ -456,9 +491,9 @@ class KeyStore:
 
 def _verified(info: KeyInfo, row: sa.Row[Any]) -> VerifiedKey:
     """The principal a valid key's record gives; ``row`` (from ``_WITH_TENANT``) has the
-    tenant's budget, NULL if the tenant has none."""
-    tenant = {"tenant_budget_usd", "tenant_budget_period"}
-    same = {f.name: getattr(info, f.name) for f in fields(VerifiedKey) if f.name not in tenant | {"key_id"}}
+    tenant's budget and MCP servers, NULL if the tenant has no ``tenants`` row."""
+    tenant = {*_TENANT_LABELS, "key_id"}
+    same = {f.name: getattr(info, f.name) for f in fields(VerifiedKey) if f.name not in tenant}
     if row.tenant_budget_usd is None:
         return VerifiedKey(key_id=info.id, **same)
     return VerifiedKey(
@@ -466,6 +501,7 @@ def _verified(info: KeyInfo, row: sa.Row[Any]) -> VerifiedKey:
         **same,
         tenant_budget_usd=float(row.tenant_budget_usd),
         tenant_budget_period=row.tenant_budget_period,
+        tenant_mcp_servers=tuple(json.loads(row.tenant_mcp_servers)),
     )
 
 
@@ -477,4 +513,5 @@ def _tenant_info(name: str, row: sa.Row[Any] | None) -> TenantInfo:
         budget_usd=float(row.budget_usd),
         budget_period=row.budget_period,
         updated_at=int(row.updated_at),
+        mcp_servers=tuple(json.loads(row.mcp_servers)),
     )

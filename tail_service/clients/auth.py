@@ -72,7 +72,8 @@ def _unavailable() -> ServiceUnavailableError:
 def principal_from_proto(p: auth_pb2.Principal) -> Principal:
     """The core :class:`Principal` of a ``VerifyKey``/``GetPrincipals`` answer.
 
-    A missing ``Budget`` (an older auth-service) reads as 0 USD, period ``none``: no budget.
+    A missing ``Budget`` (an older auth-service) reads as 0 USD, period ``none``: no budget;
+    missing ``tenant_mcp_servers``, as every MCP server.
     """
     return Principal(
         key_id=p.key_id,
@@ -89,6 +90,7 @@ def principal_from_proto(p: auth_pb2.Principal) -> Principal:
         budget_period=p.budget.period or "none",
         tenant_budget_usd=p.tenant_budget.usd,
         tenant_budget_period=p.tenant_budget.period or "none",
+        tenant_mcp_servers=frozenset(p.tenant_mcp_servers),
     )
 
 

@@ -42,15 +42,16 @@ def principal_to_json(principal: Principal) -> str:
     data = asdict(principal)
     data["allowed_models"] = sorted(principal.allowed_models)
     data["mcp_servers"] = sorted(principal.mcp_servers)
+    data["tenant_mcp_servers"] = sorted(principal.tenant_mcp_servers)
     return json.dumps(data)
 
 
 def principal_from_json(raw: str) -> Principal:
-    """The principal :func:`principal_to_json` wrote; fields added since (budgets) take their
-    defaults when the JSON is older than they are."""
+    """The principal :func:`principal_to_json` wrote; fields added since (budgets, the
+    tenant's MCP servers) take their defaults when the JSON is older than they are."""
     data = json.loads(raw)
-    data["allowed_models"] = frozenset(data.get("allowed_models") or ())
-    data["mcp_servers"] = frozenset(data.get("mcp_servers") or ())
+    for field in ("allowed_models", "mcp_servers", "tenant_mcp_servers"):
+        data[field] = frozenset(data.get(field) or ())
     for field in ("budget_usd", "tenant_budget_usd"):
         if field in data:
             data[field] = float(data[field])

@@ -101,9 +101,13 @@ class Principal:
     #: the same for the key's tenant (all its keys together)
     tenant_budget_usd: float = 0.0
     tenant_budget_period: str = "none"
+    #: MCP servers the agent runs of all the tenant's keys may use; empty means every one
+    tenant_mcp_servers: frozenset[str] = frozenset()
 
     def allows_mcp_server(self, name: str) -> bool:
-        return not self.mcp_servers or name in self.mcp_servers
+        """Whether both the key's list and its tenant's allow the MCP server ``name``."""
+        key = not self.mcp_servers or name in self.mcp_servers
+        return key and (not self.tenant_mcp_servers or name in self.tenant_mcp_servers)
 
     def allows(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models

@@ -26,7 +26,7 @@ class Budget(_message.Message):
     def __init__(self, usd: _Optional[float] = ..., period: _Optional[str] = ...) -> None: ...
 
 class Principal(_message.Message):
-    __slots__ = ("key_id", "tenant", "name", "allowed_models", "limits", "expires_at", "response_cache", "mcp_servers", "budget", "tenant_budget")
+    __slots__ = ("key_id", "tenant", "name", "allowed_models", "limits", "expires_at", "response_cache", "mcp_servers", "budget", "tenant_budget", "tenant_mcp_servers")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class Principal(_message.Message):
     MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     TENANT_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    TENANT_MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     tenant: str
     name: str
@@ -47,7 +48,8 @@ class Principal(_message.Message):
     mcp_servers: _containers.RepeatedScalarFieldContainer[str]
     budget: Budget
     tenant_budget: Budget
-    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., name: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., tenant_budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+    tenant_mcp_servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key_id: _Optional[str] = ..., tenant: _Optional[str] = ..., name: _Optional[str] = ..., allowed_models: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., expires_at: _Optional[int] = ..., response_cache: _Optional[bool] = ..., mcp_servers: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., tenant_budget: _Optional[_Union[Budget, _Mapping]] = ..., tenant_mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
     __slots__ = ("id", "name", "tenant", "allowed_models", "limits", "expires_at", "revoked", "prefix", "created_at", "updated_at", "response_cache", "mcp_servers", "budget")
@@ -220,14 +222,16 @@ class KeyEvent(_message.Message):
     def __init__(self, event_id: _Optional[int] = ..., key_id: _Optional[str] = ..., kind: _Optional[_Union[KeyEvent.Kind, str]] = ...) -> None: ...
 
 class TenantInfo(_message.Message):
-    __slots__ = ("tenant", "budget", "updated_at")
+    __slots__ = ("tenant", "budget", "updated_at", "mcp_servers")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     budget: Budget
     updated_at: int
-    def __init__(self, tenant: _Optional[str] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., updated_at: _Optional[int] = ...) -> None: ...
+    mcp_servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tenant: _Optional[str] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., updated_at: _Optional[int] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetTenantBudgetRequest(_message.Message):
     __slots__ = ("tenant", "budget")
@@ -238,6 +242,20 @@ class SetTenantBudgetRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class SetTenantBudgetResponse(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: TenantInfo
+    def __init__(self, tenant: _Optional[_Union[TenantInfo, _Mapping]] = ...) -> None: ...
+
+class SetTenantMcpServersRequest(_message.Message):
+    __slots__ = ("tenant", "mcp_servers")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MCP_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    mcp_servers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tenant: _Optional[str] = ..., mcp_servers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetTenantMcpServersResponse(_message.Message):
     __slots__ = ("tenant",)
     TENANT_FIELD_NUMBER: _ClassVar[int]
     tenant: TenantInfo

@@ -69,6 +69,11 @@ class AuthServiceStub:
                 request_serializer=auth__pb2.SetTenantBudgetRequest.SerializeToString,
                 response_deserializer=auth__pb2.SetTenantBudgetResponse.FromString,
                 _registered_method=True)
+        self.SetTenantMcpServers = channel.unary_unary(
+                '/tail.auth.v1.AuthService/SetTenantMcpServers',
+                request_serializer=auth__pb2.SetTenantMcpServersRequest.SerializeToString,
+                response_deserializer=auth__pb2.SetTenantMcpServersResponse.FromString,
+                _registered_method=True)
         self.GetTenant = channel.unary_unary(
                 '/tail.auth.v1.AuthService/GetTenant',
                 request_serializer=auth__pb2.GetTenantRequest.SerializeToString,
@@ -128,6 +133,13 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTenantMcpServers(self, request, context):
+        """So does a change of the tenant's MCP servers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTenant(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -178,6 +190,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.SetTenantBudget,
                     request_deserializer=auth__pb2.SetTenantBudgetRequest.FromString,
                     response_serializer=auth__pb2.SetTenantBudgetResponse.SerializeToString,
+            ),
+            'SetTenantMcpServers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantMcpServers,
+                    request_deserializer=auth__pb2.SetTenantMcpServersRequest.FromString,
+                    response_serializer=auth__pb2.SetTenantMcpServersResponse.SerializeToString,
             ),
             'GetTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTenant,
@@ -379,6 +396,33 @@ class AuthService:
             '/tail.auth.v1.AuthService/SetTenantBudget',
             auth__pb2.SetTenantBudgetRequest.SerializeToString,
             auth__pb2.SetTenantBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantMcpServers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tail.auth.v1.AuthService/SetTenantMcpServers',
+            auth__pb2.SetTenantMcpServersRequest.SerializeToString,
+            auth__pb2.SetTenantMcpServersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -474,6 +474,50 @@ def test_a_key_may_use_only_its_mcp_servers(
             assert http.post("/v1/agentic", json=body).status_code == 401
 
 
+def test_a_tenant_may_use_only_its_mcp_servers(
+    stack: Stack, upstream: FakeOpenAI, upstream_key: str, mcp: RunningMcpServer, tmp_path: Any
+) -> None:
+    """A tenant's list bounds every key of the tenant, even one that has no list of its own;
+    lifting it reaches the gateway's cached verdict through the key event, not its 60 s TTL."""
+    upstream.script = agent_script
+    settings = stack.gateway_settings(
+        [model_entry("gpt-test", upstream)],
+        state_dir=tmp_path,
+        mcp_servers=[{"name": "facts", "url": mcp.url}, {"name": "other", "url": dead_url()}],
+    )
+
+    def set_tenant_servers(tenant: str, servers: list[str]) -> None:
+        req = auth_pb2.SetTenantMcpServersRequest(tenant=tenant, mcp_servers=servers)
+        stack.admin_auth().SetTenantMcpServers(req, timeout=5)
+
+    set_tenant_servers("acme", ["other"])
+    acme = stack.create_key(tenant="acme")  # no list of its own
+    globex = stack.create_key(tenant="globex")
+    with serve_app(settings) as app, run_worker(settings):
+        body = {"model": "gpt-test", "input": 'CALL add {"a": 1, "b": 2}', "tools": [MCP]}
+        with httpx.Client(base_url=app.base_url, timeout=60) as http:
+
+            def agentic(key: str) -> httpx.Response:
+                return http.post("/v1/agentic", json=body, headers={"Authorization": f"Bearer {key}"})
+
+            r = agentic(acme)
+            assert r.status_code == 403, r.text
+            assert (r.json()["error"]["code"], r.json()["error"]["param"]) == (
+                "mcp_server_not_allowed",
+                "tools[0].server",
+            )
+            r = agentic(globex)  # another tenant: unaffected
+            assert r.status_code == 200 and r.json()["output_text"] == "Answer: 3", r.text
+
+            set_tenant_servers("acme", [])  # every server again
+            deadline = time.monotonic() + 10  # well inside the verdict's 60 s cache_ttl
+            while (r := agentic(acme)).status_code == 403:
+                assert time.monotonic() < deadline, "the tenant's change never reached the gateway"
+                time.sleep(0.05)
+            assert r.status_code == 200 and r.json()["output_text"] == "Answer: 3", r.text
+    assert mcp.counts().get("add") == 2  # the two runs that were allowed, and no other
+
+
 def test_a_low_tpm_key_is_throttled_across_the_steps_of_a_run(
     stack: Stack,
     upstream: FakeOpenAI,

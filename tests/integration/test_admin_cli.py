@@ -80,15 +80,18 @@ def test_budget_commands(stack: Stack, pki_dir: Path) -> None:
     removed = cli(stack, pki_dir, "keys", "update", row["id"], "--budget", "0")
     assert removed.returncode == 0 and "budget=none" in removed.stdout, removed.stderr
 
+    def tenant(budget: str) -> str:
+        return f"tenant acme: budget {budget}, mcp_servers=*\n"
+
     shown = cli(stack, pki_dir, "tenants", "budget", "acme")
-    assert (shown.returncode, shown.stdout) == (0, "tenant acme: budget none\n"), shown.stderr
+    assert (shown.returncode, shown.stdout) == (0, tenant("none")), shown.stderr
     set_ = cli(stack, pki_dir, "tenants", "budget", "acme", "--budget", "100", "--budget-period", "month")
-    assert (set_.returncode, set_.stdout) == (0, "tenant acme: budget $100/month\n"), set_.stderr
-    assert cli(stack, pki_dir, "tenants", "budget", "acme").stdout == "tenant acme: budget $100/month\n"
+    assert (set_.returncode, set_.stdout) == (0, tenant("$100/month")), set_.stderr
+    assert cli(stack, pki_dir, "tenants", "budget", "acme").stdout == tenant("$100/month")
     total = cli(stack, pki_dir, "tenants", "budget", "acme", "--budget", "20", "--budget-period", "none")
-    assert total.stdout == "tenant acme: budget $20 total\n", total.stderr
+    assert total.stdout == tenant("$20 total"), total.stderr
     off = cli(stack, pki_dir, "tenants", "budget", "acme", "--budget", "0")
-    assert off.stdout == "tenant acme: budget none\n", off.stderr
+    assert off.stdout == tenant("none"), off.stderr
 
     for args, says in [
         (("keys", "create", "--budget", "-1"), "budget_usd"),
@@ -104,7 +107,36 @@ def test_budget_commands(stack: Stack, pki_dir: Path) -> None:
         res = cli(stack, pki_dir, *args)
         assert res.returncode == 2 and says in res.stderr, (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert cli(stack, pki_dir, "tenants", "budget", "acme").stdout == "tenant acme: budget none\n"
+    assert cli(stack, pki_dir, "tenants", "budget", "acme").stdout == tenant("none")
+
+
+def test_tenant_mcp_servers_commands(stack: Stack, pki_dir: Path) -> None:
+    def tenant(budget: str, servers: str, name: str = "acme") -> str:
+        return f"tenant {name}: budget {budget}, mcp_servers={servers}\n"
+
+    assert cli(stack, pki_dir, "keys", "create", "--tenant", "acme").returncode == 0
+    shown = cli(stack, pki_dir, "tenants", "mcp-servers", "acme")
+    assert (shown.returncode, shown.stdout) == (0, tenant("none", "*")), shown.stderr
+    set_ = cli(stack, pki_dir, "tenants", "mcp-servers", "acme", "docs, search,docs")
+    assert (set_.returncode, set_.stdout) == (0, tenant("none", "docs,search")), set_.stderr
+    [key] = json.loads(cli(stack, pki_dir, "keys", "list", "--tenant", "acme", "--json").stdout)
+    assert key["mcp_servers"] == []  # the key's own list is its own
+    budget = cli(stack, pki_dir, "tenants", "budget", "acme", "--budget", "5", "--budget-period", "day")
+    assert budget.stdout == tenant("$5/day", "docs,search"), budget.stderr
+    assert cli(stack, pki_dir, "tenants", "mcp-servers", "acme").stdout == budget.stdout
+    reset = cli(stack, pki_dir, "tenants", "mcp-servers", "acme", "")
+    assert (reset.returncode, reset.stdout) == (0, tenant("$5/day", "*")), reset.stderr
+    other = cli(stack, pki_dir, "tenants", "mcp-servers", "beta")  # never set: every server
+    assert other.stdout == tenant("none", "*", "beta"), other.stderr
+
+    for args, says in [
+        (("tenants", "mcp-servers", " ", "docs"), "tenant is required"),
+        (("tenants", "mcp-servers", "acme", "x" * 201), "mcp_servers entry is longer than 200"),
+    ]:
+        res = cli(stack, pki_dir, *args)
+        assert res.returncode == 2 and says in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert cli(stack, pki_dir, "tenants", "mcp-servers", "acme").stdout == reset.stdout
 
 
 def test_secrets_commands_read_values_from_stdin(stack: Stack, pki_dir: Path) -> None:

@@ -253,6 +253,8 @@ def test_identities_are_authorized_per_rpc(
         (tail.SetTenantBudget, auth_pb2.SetTenantBudgetRequest(tenant="acme", budget=auth_pb2.Budget(usd=1))),
         (tail.GetTenant, auth_pb2.GetTenantRequest(tenant="acme")),
         (secrets.SetTenantBudget, auth_pb2.SetTenantBudgetRequest(tenant="acme")),
+        (tail.SetTenantMcpServers, auth_pb2.SetTenantMcpServersRequest(tenant="acme", mcp_servers=["x"])),
+        (secrets.SetTenantMcpServers, auth_pb2.SetTenantMcpServersRequest(tenant="acme")),
     ]:
         assert rpc_error(method, request).code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.RpcError) as info:
@@ -260,6 +262,8 @@ def test_identities_are_authorized_per_rpc(
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert verify(tail, made.api_key).key_id == made.key.id
     assert not connect(port).ListKeys(auth_pb2.ListKeysRequest(), timeout=5).keys[0].revoked
+    acme = connect(port).GetTenant(auth_pb2.GetTenantRequest(tenant="acme"), timeout=5).tenant
+    assert (acme.updated_at, list(acme.mcp_servers), acme.budget.usd) == (0, [], 0)  # nothing was set
 
 
 def budget(usd: float, period: str = "") -> Any:
@@ -357,6 +361,75 @@ def test_key_and_tenant_budgets(
     assert admin.GetTenant(auth_pb2.GetTenantRequest(tenant="acme"), timeout=5).tenant.budget.usd == 100
     not_found = rpc_error(admin.UpdateKey, auth_pb2.UpdateKeyRequest(id="key_nope", budget_usd=1))
     assert not_found.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_tenant_mcp_servers_reach_principals_and_emit_key_events(
+    serve: Callable[..., tuple[AuthService, int]], connect: StubFor, db_url: str
+) -> None:
+    _, port = serve(db_url)
+    admin, tail = connect(port), connect(port, "tail")
+    plain = create(admin)
+    own = create(admin, mcp_servers=["facts", "other"])
+    stranger = create(admin, tenant="beta")
+    stream = tail.WatchKeyEvents(auth_pb2.WatchKeyEventsRequest(), timeout=20)
+    assert next(stream).kind == auth_pb2.KeyEvent.HELLO
+
+    def set_servers(tenant: str, servers: list[str]) -> Any:
+        req = auth_pb2.SetTenantMcpServersRequest(tenant=tenant, mcp_servers=servers)
+        return admin.SetTenantMcpServers(req, timeout=5).tenant
+
+    info = set_servers("acme", ["other", "docs", "other"])
+    assert (info.tenant, list(info.mcp_servers), info.budget.usd, info.budget.period) == (
+        "acme",
+        ["other", "docs"],
+        0,
+        "none",
+    )
+    assert info.updated_at > 0
+    events = [next(stream), next(stream)]
+    assert {e.kind for e in events} == {auth_pb2.KeyEvent.UPDATED}
+    assert sorted(e.key_id for e in events) == sorted([plain.key.id, own.key.id])  # not beta's key
+    admin.UpdateKey(auth_pb2.UpdateKeyRequest(id=stranger.key.id, rpm=1), timeout=5)
+    event = next(stream)  # beta's key, updated: the tenant change logged nothing more
+    assert (event.kind, event.key_id) == (auth_pb2.KeyEvent.UPDATED, stranger.key.id)
+
+    p = verify(tail, plain.api_key)
+    assert (list(p.mcp_servers), list(p.tenant_mcp_servers)) == ([], ["other", "docs"])
+    found = tail.GetPrincipals(
+        auth_pb2.GetPrincipalsRequest(key_ids=[own.key.id, stranger.key.id]), timeout=5
+    ).principals
+    by_id = {q.key_id: q for q in found}
+    assert list(by_id[own.key.id].mcp_servers) == ["facts", "other"]
+    assert list(by_id[own.key.id].tenant_mcp_servers) == ["other", "docs"]
+    assert list(by_id[stranger.key.id].tenant_mcp_servers) == []
+    got = admin.GetTenant(auth_pb2.GetTenantRequest(tenant="acme"), timeout=5).tenant
+    assert (list(got.mcp_servers), got.updated_at) == (["other", "docs"], info.updated_at)
+
+    # the budget and the servers are set apart, each keeping the other
+    budget_req = auth_pb2.SetTenantBudgetRequest(tenant="acme", budget=auth_pb2.Budget(usd=9, period="day"))
+    assert list(admin.SetTenantBudget(budget_req, timeout=5).tenant.mcp_servers) == ["other", "docs"]
+    acme_keys = sorted([plain.key.id, own.key.id])
+    assert sorted(next(stream).key_id for _ in range(2)) == acme_keys  # the budget change's events
+    reset = set_servers("acme", [])
+    assert (list(reset.mcp_servers), reset.budget.usd, reset.budget.period) == ([], 9, "day")
+    assert sorted(next(stream).key_id for _ in range(2)) == acme_keys
+    stream.cancel()
+    assert list(verify(tail, plain.api_key).tenant_mcp_servers) == []
+
+    for request, field in [
+        (auth_pb2.SetTenantMcpServersRequest(tenant="", mcp_servers=["docs"]), "tenant"),
+        (auth_pb2.SetTenantMcpServersRequest(tenant="acme", mcp_servers=["docs", " "]), "mcp_servers"),
+        (auth_pb2.SetTenantMcpServersRequest(tenant="acme", mcp_servers=["x" * 201]), "mcp_servers"),
+        (
+            auth_pb2.SetTenantMcpServersRequest(tenant="acme", mcp_servers=[f"s{i}" for i in range(1001)]),
+            "mcp_servers",
+        ),
+    ]:
+        err = rpc_error(admin.SetTenantMcpServers, request)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and field in (err.details() or ""), (
+            err.details()
+        )
+    assert list(admin.GetTenant(auth_pb2.GetTenantRequest(tenant="acme"), timeout=5).tenant.mcp_servers) == []
 
 
 def test_get_principals_gives_only_valid_keys(

@@ -152,7 +152,7 @@ def test_upgrade_from_schema_v3_keeps_keys_without_budgets(tmp_path: Path) -> No
             {"h": PEPPER.hash_key(api_key)},
         )
     s = KeyStore(engine, PEPPER)
-    assert s.migrate() == len(store_mod.MIGRATIONS) == 4
+    assert s.migrate() == len(store_mod.MIGRATIONS) == 5
     p = s.verify(api_key)
     assert p is not None and (p.key_id, p.rpm, p.response_cache) == ("key_v3", 5, True)
     assert p.mcp_servers == ("docs",)

@@ -165,8 +165,8 @@ def clock() -> Clock:
 def store(tmp_path: Path, clock: Clock) -> Iterator[KeyStore]:
     engine = make_engine(f"sqlite:///{tmp_path / 'keys.db'}")
     s = KeyStore(engine, PEPPER, clock=clock)
-    assert s.migrate() == 4
-    assert s.migrate() == 4  # idempotent
+    assert s.migrate() == 5
+    assert s.migrate() == 5  # idempotent
     yield s
     engine.dispose()
 
@@ -323,8 +323,8 @@ def test_hub_fans_out_drops_slow_watchers_and_ends_streams_on_stop() -> None:
 
 
 def test_upgrade_from_schema_v1_keeps_keys(tmp_path: Path, clock: Clock) -> None:
-    """A database made by the first release migrates to v4 (response_cache, mcp_servers,
-    budgets) with its keys intact."""
+    """A database made by the first release migrates to v5 (response_cache, mcp_servers,
+    budgets, tenant MCP servers) with its keys intact."""
     from tail_service.authsvc import store as store_mod
     from tail_service.db import migrate
 
@@ -341,10 +341,11 @@ def test_upgrade_from_schema_v1_keeps_keys(tmp_path: Path, clock: Clock) -> None
             {"h": PEPPER.hash_key(api_key)},
         )
     s = KeyStore(engine, PEPPER, clock=clock)
-    assert s.migrate() == 4
+    assert s.migrate() == 5
     principal = s.verify(api_key)
     assert principal is not None and principal.key_id == "key_old" and principal.rpm == 5
     assert principal.response_cache is False and principal.mcp_servers == ()
+    assert principal.tenant_mcp_servers == ()
     assert s.update("key_old", response_cache=True).response_cache is True
     assert s.update("key_old", mcp_servers=["docs", "docs", "search"]).mcp_servers == ("docs", "search")
     again = s.verify(api_key)
