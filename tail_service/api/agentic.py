@@ -122,7 +122,8 @@ def _check_tools(
                 )
             if not principal.allows_mcp_server(tool.server):
                 raise PermissionDeniedError(
-                    f"This API key is not allowed to use the MCP server '{tool.server}'.",
+                    f"This API key may not use the MCP server '{tool.server}' (its own policy "
+                    "or its tenant's does not allow it).",
                     param=f"tools[{i}].server",
                     code="mcp_server_not_allowed",
                 )
