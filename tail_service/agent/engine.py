@@ -450,13 +450,15 @@ class AgentEngine:
         flushed = float("-inf") if live else time.monotonic()
 
         async def flush() -> None:
+            """Store the text so far; a cancel (or a delete) seen here stops the answer at
+            once: closing the stream ends the upstream's generation."""
             nonlocal flushed
             if pending:
                 text = "".join(pending)
                 pending.clear()
-                await self._write(
-                    self.runs.append, run_id, [("message.delta", {"step": step_no, "delta": text})]
-                )
+                event = ("message.delta", {"step": step_no, "delta": text})
+                if await self._write(self.runs.append_delta, run_id, [event]):
+                    raise _Ended("cancelled")
             flushed = time.monotonic()
 
         try:

@@ -314,6 +314,18 @@ class AgentStore:
 
     # -- events -------------------------------------------------------------------------
 
+    def append_delta(self, run_id: str, events: Sequence[NewEvent]) -> bool:
+        """Append a streaming model call's events; whether the run is to stop now (a cancel
+        was asked for, or the run was deleted): the answer rides on the same transaction."""
+        with self._engine.begin() as conn:
+            cancel = conn.execute(
+                sa.select(agent_runs.c.cancel_requested).where(agent_runs.c.id == run_id)
+            ).scalar()
+            if cancel is None:
+                return True
+            self._append(conn, run_id, events)
+        return bool(cancel)
+
     def append(self, run_id: str, events: Sequence[NewEvent]) -> list[bytes]:
         with self._engine.begin() as conn:
             return self._append(conn, run_id, events)

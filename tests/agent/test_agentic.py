@@ -403,6 +403,24 @@ def test_background_run_returns_at_once_and_cancel_stops_it(agents: Agents) -> N
     assert agents.mcp.counts().get("add", 0) == 0
 
 
+def test_cancel_stops_a_model_answer_in_the_middle(agents: Agents) -> None:
+    """A cancel during a long streamed answer ends the run at the next stored delta, and the
+    upstream's stream is closed (generation stops: the fake sees its client go away)."""
+    agents.upstream.chunk_delay = 0.1  # a 200-word answer takes 20 s
+    words = " ".join(f"w{i}" for i in range(200))
+    with agents.http() as http:
+        run = agents.run(http, words, [], background=True, stream=False)
+        with http.stream("GET", f"/v1/agentic/{run['id']}/events") as events:
+            # the run's stream, live, up to the first text of the answer
+            assert "event: message.delta" in (line for line in events.iter_lines())
+        assert http.post(f"/v1/agentic/{run['id']}/cancel").status_code == 200
+        done = wait_run(http, run["id"], timeout=10)  # not the 20 s the answer takes
+    assert done["status"] == "cancelled", done
+    step = done["steps"][-1]
+    assert step["type"] == "model_call" and step["status"] == "incomplete"
+    assert agents.upstream.cancelled, "the upstream's stream was not closed"
+
+
 @pytest.mark.parametrize("restart", ["same_executor", "take_over"])
 def test_kill9_mid_run_resumes_without_repeating_finished_tool_calls(
     make_app: Callable[..., RunningApp], upstream: FakeOpenAI, mcp: RunningMcpServer, restart: str
