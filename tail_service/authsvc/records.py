@@ -15,6 +15,7 @@ resets); 0 dollars means "no budget", and its period is then always ``none``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -143,6 +144,22 @@ def clean_models(values: Iterable[str], field: str = "allowed_models") -> tuple[
     if len(out) > MAX_MODELS:
         raise InvalidKeyArgument(f"{field} holds more than {MAX_MODELS} entries")
     return tuple(out)
+
+
+#: what an MCP server may be called (the gateway's ``mcp_servers[].name``)
+MCP_SERVER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def clean_mcp_servers(values: Iterable[str]) -> tuple[str, ...]:
+    """MCP server names, checked like :func:`clean_models` and against the gateway's
+    naming rule (a name no server can have would silently allow nothing)."""
+    names = clean_models(values, "mcp_servers")
+    for name in names:
+        if not MCP_SERVER_NAME.fullmatch(name):
+            raise InvalidKeyArgument(
+                f"mcp_servers entry {name!r} is not an MCP server name (1-64 of A-Z a-z 0-9 _ -)"
+            )
+    return names
 
 
 def clean_budget(usd: float, period: str | None, *, current_period: str | None = None) -> tuple[float, str]:

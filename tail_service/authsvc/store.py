@@ -39,6 +39,7 @@ from tail_service.authsvc.records import (
     clean_budget,
     clean_expires,
     clean_limit,
+    clean_mcp_servers,
     clean_models,
     clean_text,
 )
@@ -239,7 +240,7 @@ class KeyStore:
             "expires_at": expires,
             "revoked": False,
             "response_cache": bool(response_cache),
-            "mcp_servers": json.dumps(list(clean_models(mcp_servers, "mcp_servers"))),
+            "mcp_servers": json.dumps(list(clean_mcp_servers(mcp_servers))),
             "budget_usd": usd,
             "budget_period": period,
             "created_at": now,
@@ -335,7 +336,7 @@ class KeyStore:
         if response_cache is not None:
             values["response_cache"] = bool(response_cache)
         if mcp_servers is not None:
-            values["mcp_servers"] = json.dumps(list(clean_models(mcp_servers, "mcp_servers")))
+            values["mcp_servers"] = json.dumps(list(clean_mcp_servers(mcp_servers)))
         if budget_usd is not None:
             clean_budget(budget_usd, budget_period)  # a bad value fails before any I/O
         elif budget_period is not None:
@@ -404,7 +405,7 @@ class KeyStore:
         :meth:`set_tenant_budget`; setting the list it already has records nothing.
         """
         name = clean_text("tenant", tenant, required=True)
-        names = json.dumps(list(clean_models(servers, "mcp_servers")))
+        names = json.dumps(list(clean_mcp_servers(servers)))
         return self._set_tenant(name, {"mcp_servers": names})
 
     def _set_tenant(self, name: str, values: dict[str, Any]) -> TenantInfo:

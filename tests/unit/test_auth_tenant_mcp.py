@@ -13,7 +13,13 @@ import sqlalchemy as sa
 
 from tail_service.authsvc import store as store_mod
 from tail_service.authsvc.keys import Pepper
-from tail_service.authsvc.records import MAX_MODELS, MAX_TEXT, InvalidKeyArgument, TenantInfo, clean_models
+from tail_service.authsvc.records import (
+    MAX_MODELS,
+    MAX_TEXT,
+    InvalidKeyArgument,
+    TenantInfo,
+    clean_mcp_servers,
+)
 from tail_service.authsvc.store import KeyStore
 from tail_service.clients.auth import principal_from_proto
 from tail_service.core.auth import principal_from_json, principal_to_json
@@ -97,11 +103,16 @@ def test_tenant_mcp_servers_are_set_read_and_reach_principals(store: KeyStore) -
         (["docs", "  "], "mcp_servers entry is required"),
         (["x" * (MAX_TEXT + 1)], f"mcp_servers entry is longer than {MAX_TEXT}"),
         ([f"s{i}" for i in range(MAX_MODELS + 1)], f"mcp_servers holds more than {MAX_MODELS}"),
+        (["bad name!"], "'bad name!' is not an MCP server name"),
+        (["docs", "a/b"], "'a/b' is not an MCP server name"),
+        (["x" * 65], "is not an MCP server name"),
     ],
 )
 def test_bad_tenant_mcp_server_lists_are_refused(store: KeyStore, servers: Sequence[str], says: str) -> None:
     with pytest.raises(InvalidKeyArgument, match=says):
-        clean_models(servers, "mcp_servers")
+        clean_mcp_servers(servers)
+    with pytest.raises(InvalidKeyArgument, match=says):  # a key's list follows the same rule
+        store.create_key(name="k", tenant="acme", mcp_servers=servers)
     store.set_tenant_mcp_servers("acme", ["docs"])
     mark = store.max_event_id()
     with pytest.raises(InvalidKeyArgument, match=says):
