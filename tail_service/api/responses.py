@@ -264,15 +264,16 @@ async def create_response(request: Request) -> Response:
     runs = runs_of(services)
     if not agentic["background"]:
         await race_disconnect(request.receive, until_resting(services, row.id))
-        ended = await services.store.run(runs.get_any, row.id)
-        refused = ended and rx.refusal(ended.status, ended.model_calls, loads(ended.error))
-        if refused:  # as OpenAI answers a bad request: a 400, and no response is kept
-            await services.store.run(runs.delete, principal.tenant, row.id)
-            raise InvalidRequestError(refused["message"], param=refused["param"], code=refused["code"])
-    snapshot = await _snapshot(services, row.id)
-    if unstored:  # answered: nobody may read it again
+    now = await services.store.run(runs.get_any, row.id)
+    if now is None:
+        raise _no_such_response(row.id)  # deleted meanwhile (a DELETE with its id)
+    refused = None if agentic["background"] else rx.refusal(now.status, now.model_calls, loads(now.error))
+    answer = response_object(now, await services.store.run(runs.steps, row.id))
+    if refused or unstored:  # a refused request, as at OpenAI, or one nobody may read again
         await services.store.run(runs.delete, principal.tenant, row.id)
-    return json_response(snapshot)
+    if refused:
+        raise InvalidRequestError(refused["message"], param=refused["param"], code=refused["code"])
+    return json_response(answer)
 
 
 async def _translated(
