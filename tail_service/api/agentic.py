@@ -472,3 +472,13 @@ async def submit_run(request: Request) -> Response:
     # nothing else writes events while a run waits: ``run.submitted`` got ``next_seq``
     after = row.next_seq - 1
     return await _answer(request, services, row.id, stream=req.stream, background=req.background, after=after)
+
+
+#: the OpenAPI document's additions for these routes (query parameters)
+OPENAPI: dict[tuple[str, str], dict[str, object]] = {
+    ("GET", "/v1/agentic/{run_id}/events"): {
+        "parameters": [
+            {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": -1}},
+        ]
+    },
+}

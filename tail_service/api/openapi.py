@@ -23,13 +23,19 @@ from pydantic_core import core_schema
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 
-from tail_service.api import batches, files, usage
+from tail_service.api import agentic, batches, files, responses, usage
 from tail_service.api.deps import json_response
 from tail_service.api.routes import ROUTES
 
 #: more of an operation than the route table says (non-JSON bodies, query parameters,
 #: response schemas), by ``(method, path)``
-_EXTRA: dict[tuple[str, str], dict[str, Any]] = {**files.OPENAPI, **batches.OPENAPI, **usage.OPENAPI}
+_EXTRA: dict[tuple[str, str], dict[str, Any]] = {
+    **files.OPENAPI,
+    **batches.OPENAPI,
+    **usage.OPENAPI,
+    **agentic.OPENAPI,
+    **responses.OPENAPI,
+}
 
 _ERROR_SCHEMA = {
     "type": "object",

@@ -397,3 +397,36 @@ async def list_input_items(request: Request) -> Response:
             "has_more": len(ordered) > limit,
         }
     )
+
+
+#: the OpenAPI document's additions for these routes (query parameters)
+OPENAPI: dict[tuple[str, str], dict[str, object]] = {
+    ("GET", "/v1/responses/{response_id}"): {
+        "parameters": [
+            {"name": "stream", "in": "query", "required": False, "schema": {"type": "boolean"}},
+            {
+                "name": "starting_after",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 0, "maximum": 10**9},
+            },
+        ]
+    },
+    ("GET", "/v1/responses/{response_id}/input_items"): {
+        "parameters": [
+            {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+            },
+            {
+                "name": "order",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "enum": ["asc", "desc"]},
+            },
+        ]
+    },
+}

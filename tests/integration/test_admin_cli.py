@@ -65,11 +65,15 @@ def test_budget_commands(stack: Stack, pki_dir: Path) -> None:
     assert created.returncode == 0, created.stderr
     assert "budget $5/day" in created.stderr and len(created.stdout.strip().splitlines()) == 1
     assert cli(stack, pki_dir, "keys", "create", "--tenant", "acme", "--name", "plain").returncode == 0
-    [row, plain] = json.loads(cli(stack, pki_dir, "keys", "list", "--tenant", "acme", "--json").stdout)
+    listed = json.loads(cli(stack, pki_dir, "keys", "list", "--tenant", "acme", "--json").stdout)
+    # by name: two keys made in the same second may list in either order
+    [plain] = [k for k in listed if k["name"] == "plain"]
+    [row] = [k for k in listed if k["name"] != "plain"]
     assert (row["budget_usd"], row["budget_period"]) == (5, "day")
     assert (plain["budget_usd"], plain["budget_period"]) == (0, "none")
     table = cli(stack, pki_dir, "keys", "list", "--tenant", "acme").stdout.splitlines()
-    assert "BUDGET" in table[0].split() and "$5/day" in table[1].split() and "-" in table[2].split()
+    by_id = {line.split()[0]: line.split() for line in table[1:]}
+    assert "BUDGET" in table[0].split() and "$5/day" in by_id[row["id"]] and "-" in by_id[plain["id"]]
 
     more = cli(stack, pki_dir, "keys", "update", row["id"], "--budget", "7.5")
     assert more.returncode == 0 and "budget=$7.5/day" in more.stdout, more.stderr
