@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from opentelemetry.trace import Tracer
@@ -58,6 +58,8 @@ Plan = dict[str, Any]
 DELTA_FLUSH = 0.1
 #: the same for a run whose client streams: its first text is flushed at once, then this often
 LIVE_DELTA_FLUSH = 0.05
+#: seconds between looks at the cancel flag while a tool call runs
+STOP_POLL = 0.5
 #: transient upstream failures a model call is tried again for
 TRANSIENT_RETRIES = 3
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
@@ -76,6 +78,10 @@ class McpTools(Protocol):
     async def list_tools(self, server: str) -> list[ToolSpec]: ...
 
     async def call_tool(self, server: str, tool: str, arguments: dict[str, Any]) -> str: ...
+
+
+class _Stopped(Exception):
+    """The run was cancelled (or deleted) while a tool call ran."""
 
 
 class _Ended(Exception):
@@ -493,8 +499,10 @@ class AgentEngine:
         started = self._clock()
         await self._write(self.runs.append, run_id, [("tool_call.started", {"step": data})])
         try:
-            output = await self._run_tool(data)
+            output = await self._unless_stopped(run_id, self._run_tool(data))
             data.update(status="completed", output=output)
+        except _Stopped:
+            data.update(status="failed", error="The run was cancelled while the tool ran.")
         except ToolError as exc:
             data.update(status="failed", error=str(exc))
         except Exception:  # a tool's bug is the model's tool error too, never the run's end
@@ -511,6 +519,24 @@ class AgentEngine:
             data,
             [("tool_call.completed", {"step": data})],
         )
+
+    async def _unless_stopped(self, run_id: str, work: Coroutine[Any, Any, _T]) -> _T:
+        """``work``'s result; or :class:`_Stopped`, with ``work`` cancelled, once the run is
+        cancelled or deleted (looked at every :data:`STOP_POLL` seconds meanwhile)."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=STOP_POLL)
+                if done:
+                    return task.result()
+                if await self.store.run(self.runs.stopping, run_id):
+                    raise _Stopped
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})  # its end, whatever it is (our own cancel still propagates)
+                if not task.cancelled():
+                    task.exception()  # retrieved: it is the cancel's doing, not news
 
     async def _run_tool(self, step: Mapping[str, Any]) -> str:
         arguments = parse_arguments(_ANY_OBJECT, step["arguments"])

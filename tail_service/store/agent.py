@@ -241,6 +241,14 @@ class AgentStore:
                     self._append(conn, run_id, [("run.cancelled", {"run": summary})])
         return self.get(tenant, run_id)
 
+    def stopping(self, run_id: str) -> bool:
+        """Whether the run is to stop: a cancel was asked for, or the run was deleted."""
+        with self._engine.connect() as conn:
+            value = conn.execute(
+                sa.select(agent_runs.c.cancel_requested).where(agent_runs.c.id == run_id)
+            ).scalar()
+        return value is None or bool(value)
+
     def cancel_requested(self, run_id: str) -> bool:
         with self._engine.connect() as conn:
             value = conn.execute(

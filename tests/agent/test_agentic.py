@@ -421,6 +421,22 @@ def test_cancel_stops_a_model_answer_in_the_middle(agents: Agents) -> None:
     assert agents.upstream.cancelled, "the upstream's stream was not closed"
 
 
+def test_cancel_stops_a_tool_call_in_the_middle(agents: Agents) -> None:
+    """A cancel while an MCP call runs ends the run within a look at the flag (0.5 s), not
+    when the 30 s tool is done; the step says why, and the model is not called again."""
+    with agents.http() as http:
+        run = agents.run(http, 'CALL slow {"seconds": 30}', [MCP], background=True)
+        with http.stream("GET", f"/v1/agentic/{run['id']}/events") as events:
+            assert "event: tool_call.started" in (line for line in events.iter_lines())
+        assert http.post(f"/v1/agentic/{run['id']}/cancel").status_code == 200
+        done = wait_run(http, run["id"], timeout=10)
+    assert done["status"] == "cancelled", done
+    tool = next(s for s in done["steps"] if s["type"] == "tool_call")
+    assert tool["status"] == "failed" and "cancelled while the tool ran" in tool["error"], tool
+    assert agents.mcp.counts() == {"slow": 1}
+    assert len(agents.chat_bodies()) == 1  # only the call that asked for the tool
+
+
 @pytest.mark.parametrize("restart", ["same_executor", "take_over"])
 def test_kill9_mid_run_resumes_without_repeating_finished_tool_calls(
     make_app: Callable[..., RunningApp], upstream: FakeOpenAI, mcp: RunningMcpServer, restart: str
