@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tail_service.api.body import read_json
-from tail_service.api.deps import authenticate, get_services, json_response, request_id
+from tail_service.api.deps import authenticate, get_services, json_response, query_param, request_id
 from tail_service.api.sse import SSEResponse, race_disconnect
 from tail_service.core.agent import END_EVENTS, RESTING, TERMINAL, resolve_limits
 from tail_service.core.auth import check_model_access, principal_to_json
@@ -477,8 +477,6 @@ async def submit_run(request: Request) -> Response:
 #: the OpenAPI document's additions for these routes (query parameters)
 OPENAPI: dict[tuple[str, str], dict[str, object]] = {
     ("GET", "/v1/agentic/{run_id}/events"): {
-        "parameters": [
-            {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": -1}},
-        ]
+        "parameters": [query_param("after", {"type": "integer", "minimum": -1})]
     },
 }

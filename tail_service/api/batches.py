@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tail_service.api.body import read_json
-from tail_service.api.deps import authenticate, get_services, json_response, request_id
+from tail_service.api.deps import PAGE_PARAMS, authenticate, get_services, json_response, request_id
 from tail_service.api.sse import race_disconnect
 from tail_service.core.auth import principal_to_json
 from tail_service.core.batch import LineResult, line_record_id, output_line, run_line
@@ -231,16 +231,4 @@ def _out_of_time() -> LineResult:
 
 
 #: the OpenAPI document's additions for these routes (query parameters)
-OPENAPI: dict[tuple[str, str], dict[str, object]] = {
-    ("GET", "/v1/batches"): {
-        "parameters": [
-            {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
-            {
-                "name": "limit",
-                "in": "query",
-                "required": False,
-                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
-            },
-        ]
-    },
-}
+OPENAPI: dict[tuple[str, str], dict[str, object]] = {("GET", "/v1/batches"): {"parameters": PAGE_PARAMS}}

@@ -117,3 +117,15 @@ def proxy_request(
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
+
+
+def query_param(name: str, schema: dict[str, object], *, required: bool = False) -> dict[str, object]:
+    """An OpenAPI query parameter (for the routes' ``OPENAPI`` additions)."""
+    return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
+#: ``after`` and ``limit`` of a list paged by cursor, as OpenAI's lists take them
+PAGE_PARAMS = [
+    query_param("after", {"type": "string"}),
+    query_param("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
+]

@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from tail_service.api.agentic import events_of, new_run_id, runs_of, sse_events, start_run, until_resting
 from tail_service.api.body import read_json
-from tail_service.api.deps import authenticate, get_services, json_response
+from tail_service.api.deps import PAGE_PARAMS, authenticate, get_services, json_response, query_param
 from tail_service.api.sse import race_disconnect
 from tail_service.core import responses as rx
 from tail_service.core.auth import check_model_access
@@ -403,30 +403,11 @@ async def list_input_items(request: Request) -> Response:
 OPENAPI: dict[tuple[str, str], dict[str, object]] = {
     ("GET", "/v1/responses/{response_id}"): {
         "parameters": [
-            {"name": "stream", "in": "query", "required": False, "schema": {"type": "boolean"}},
-            {
-                "name": "starting_after",
-                "in": "query",
-                "required": False,
-                "schema": {"type": "integer", "minimum": 0, "maximum": 10**9},
-            },
+            query_param("stream", {"type": "boolean"}),
+            query_param("starting_after", {"type": "integer", "minimum": 0, "maximum": 10**9}),
         ]
     },
     ("GET", "/v1/responses/{response_id}/input_items"): {
-        "parameters": [
-            {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
-            {
-                "name": "limit",
-                "in": "query",
-                "required": False,
-                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
-            },
-            {
-                "name": "order",
-                "in": "query",
-                "required": False,
-                "schema": {"type": "string", "enum": ["asc", "desc"]},
-            },
-        ]
+        "parameters": [*PAGE_PARAMS, query_param("order", {"type": "string", "enum": ["asc", "desc"]})]
     },
 }
