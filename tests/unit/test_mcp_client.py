@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -182,6 +183,63 @@ async def test_an_http_server_restart_is_survived(client: Callable[..., McpClien
     with RunningMcpServer(port=port) as second:
         assert await mcp.call_tool("web", "add", {"a": 2, "b": 2}) == "4"
         assert second.counts() == {"add": 1}
+
+
+_HOLDER = """
+import asyncio, sys
+from tail_service.clients.mcp import McpClient
+from tail_service.settings import McpServerEntry
+
+async def main() -> None:
+    entry = McpServerEntry(name="local", command=(sys.executable, sys.argv[1], "--stdio"))
+    mcp = McpClient([entry], tool_timeout=30, max_output_bytes=1000)
+    print(await mcp.call_tool("local", "add", {"a": 1, "b": 1}), flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_pooled_stdio_child_ends_with_its_killed_worker(tmp_path: Path) -> None:
+    """A worker killed with ``kill -9`` leaves no MCP server behind: its pooled stdio child
+    reads the end of its stdin and exits."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, SERVER_SCRIPT],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "2"
+        children = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and _ppid(p) == holder.pid
+            and SERVER_SCRIPT.encode() in (p / "cmdline").read_bytes()
+        ]
+        assert len(children) == 1, children
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{children[0]}").exists() and _state(children[0]) != "Z":
+        assert time.monotonic() < deadline, "the stdio MCP server outlived its killed worker"
+        time.sleep(0.05)
+
+
+def _ppid(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
 
 
 async def test_an_idle_session_closes(tmp_path: Path, client: Callable[..., McpClient]) -> None:
